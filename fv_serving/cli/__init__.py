@@ -1,0 +1,1 @@
+"""The `fv` command line: one module per command group, registered in main.py."""

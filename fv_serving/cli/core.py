@@ -1,0 +1,223 @@
+"""`fv train | learn | bank | compose | evaluate | inspect`: the PyTorch side."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from fv_serving.cli.common import (
+    add_data_root,
+    add_device,
+    add_forget_target,
+    add_vector_config,
+    print_json,
+    print_table,
+    vector_config,
+)
+from fv_serving.data import DATASETS, ForgetSpec, SplitSpec
+from fv_serving.errors import InvalidInputError
+from fv_serving.models import ARCHITECTURES
+from fv_serving.train import TrainConfig
+
+METRIC_COLUMNS = ("UA", "RA", "TA", "MIA")
+
+
+def _forget_spec(args: argparse.Namespace, ws: object) -> ForgetSpec | None:
+    from fv_serving.pipeline import Workspace, parse_forget_spec
+
+    assert isinstance(ws, Workspace)
+    if args.forget_class is None and args.forget_percent is None:
+        if args._forget_required:
+            raise InvalidInputError("say what to forget: --forget-class C or --forget-percent P")
+        return None
+    if args.forget_class is not None and args.forget_percent is not None:
+        raise InvalidInputError("give --forget-class or --forget-percent, not both")
+    return parse_forget_spec(ws.data, args.forget_class, args.forget_percent, args.forget_seed)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fv_serving.pipeline import train_model
+
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, augment=not args.no_augment, seed=args.seed
+    )
+    exclude = None
+    if args.exclude_percent is not None:
+        exclude = ForgetSpec(percent=args.exclude_percent, seed=args.exclude_seed)
+    report = train_model(
+        args.data,
+        args.out,
+        arch=args.arch,
+        config=config,
+        split=SplitSpec(seed=args.split_seed, val_size=args.val_size, train_size=args.train_size),
+        exclude=exclude,
+        exclude_classes=args.exclude_class,
+        data_root=args.data_root,
+        device=args.device,
+    )
+    acc = report["accuracy"]
+    print(
+        f"trained {args.arch} on {report['train_size']} images in {report['seconds']:.0f} s: "
+        f"train {acc['train']:.2f}%  val {acc['val']:.2f}%  test {acc['test']:.2f}%"
+    )
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from fv_serving.pipeline import learn_vector, open_workspace
+
+    ws = open_workspace(args.classifier, args.data_root, args.device)
+    spec = _forget_spec(args, ws)
+    assert spec is not None
+    vector, metrics = learn_vector(ws, spec, vector_config(args), args.out, evaluate=not args.no_eval)
+    stop = metrics["stopping"]
+    print(
+        f"learned vector {vector.vector_id} for {spec.to_json()} in {stop['seconds']:.0f} s "
+        f"(epoch {stop['chosen_epoch']}, stopping rule {'met' if stop['rule_met'] else 'NOT met'}), "
+        f"||delta||_2 = {vector.l2_norm:.3f}"
+    )
+    if "UA" in metrics:
+        print_table({"forget vector": metrics}, METRIC_COLUMNS)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_bank(args: argparse.Namespace) -> int:
+    from fv_serving.pipeline import bank_figure, learn_bank, open_workspace
+
+    ws = open_workspace(args.classifier, args.data_root, args.device)
+    classes = [ws.data.class_index(c) for c in args.classes] if args.classes else None
+    bank = learn_bank(ws, vector_config(args), args.out, classes)
+    rows = {ws.data.class_names[int(c)]: r for c, r in bank.metrics["per_class_stopping"].items()}
+    print_table(rows, ("forget_acc_monitor", "holdout_acc", "chosen_epoch", "seconds"), "per-class vectors:")
+    figure = bank_figure(bank, Path(args.out).with_suffix(".png"))
+    print(f"wrote {args.out} and {figure}")
+    return 0
+
+
+def cmd_compose(args: argparse.Namespace) -> int:
+    from fv_serving.pipeline import compose_vector, load_bank, open_workspace
+
+    bank = load_bank(args.bank)
+    ws = open_workspace(args.classifier, args.data_root, args.device) if args.classifier else None
+    names = bank.notes.get("class_names") or []
+    classes = [ws.data.class_index(c) if ws else _bank_class(c, names) for c in args.classes]
+    vector, metrics = compose_vector(bank, classes, args.mode, args.out, ws=ws, config=vector_config(args))
+    coefficients = vector.forget["composed"]["coefficients"]
+    print(f"composed vector {vector.vector_id} ({args.mode}) for classes {classes}; coefficients {coefficients}")
+    if "UA" in metrics:
+        print_table(
+            {"composed": {**metrics, **{f"UA[{c}]": v for c, v in metrics["per_forgotten_class_UA"].items()}}},
+            (*METRIC_COLUMNS, *(f"UA[{c}]" for c in classes)),
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _bank_class(value: str, names: list[str]) -> int:
+    if value.isdigit():
+        return int(value)
+    lowered = [n.lower() for n in names]
+    if value.lower() not in lowered:
+        raise InvalidInputError(f"unknown class {value!r}; the bank's classes are {', '.join(names) or 'numbered'}")
+    return lowered.index(value.lower())
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fv_serving.pipeline import evaluate_vector, load_vector, open_workspace
+
+    ws = open_workspace(args.classifier, args.data_root, args.device)
+    vector = load_vector(args.vector) if args.vector else None
+    retrain = open_workspace(args.retrain, args.data_root, args.device) if args.retrain else None
+    report = evaluate_vector(ws, vector, args.out_dir, forget=_forget_spec(args, ws), retrain=retrain, force=args.force)
+    columns = (*METRIC_COLUMNS, "avg_gap") if retrain else METRIC_COLUMNS
+    print_table(report["rows"], columns, f"task {report['task']['kind']}: {report['task']}")
+    print(f"wrote {Path(args.out_dir) / 'evaluation.json'} and {', '.join(report['figures'])}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fv_serving.vectors import load_bank, load_vector
+
+    try:
+        print_json(load_vector(args.file).describe())
+    except Exception:  # not a vector: maybe a bank
+        bank = load_bank(args.file)
+        print_json(
+            {
+                "kind": "bank",
+                "classes": bank.classes,
+                "shape": list(bank.vectors.shape),
+                "classifier_sha256": bank.classifier.weights_sha256,
+                "metrics": bank.metrics,
+            }
+        )
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a classifier (or the Retrain reference)")
+    p.add_argument("--data", default="fashion-mnist", choices=DATASETS)
+    add_data_root(p)
+    p.add_argument("--arch", default="small-cnn", choices=ARCHITECTURES)
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak one-cycle learning rate")
+    p.add_argument("--no-augment", action="store_true", help="train without flips (memorises faster)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the validation hold-out")
+    p.add_argument("--val-size", type=int, default=SplitSpec.val_size, help="images held out from training")
+    p.add_argument("--train-size", type=int, help="train on a seeded subset of this many images")
+    g = p.add_argument_group("Retrain reference: train without a forget set")
+    g.add_argument("--exclude-class", nargs="+", metavar="CLASS")
+    g.add_argument("--exclude-percent", type=float, metavar="P")
+    g.add_argument("--exclude-seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint path (.safetensors); metrics go next to it (.json)")
+    add_device(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("learn", help="learn one forget vector for a class-wise or random forget set")
+    p.add_argument("--classifier", required=True)
+    add_forget_target(p, required=True)
+    add_vector_config(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the UA/RA/TA/MIA evaluation at creation")
+    p.add_argument("--out", required=True)
+    add_data_root(p)
+    add_device(p)
+    p.set_defaults(func=cmd_learn)
+
+    p = sub.add_parser("bank", help="learn one class-wise vector per class into a bank file")
+    p.add_argument("--classifier", required=True)
+    p.add_argument("--classes", nargs="+", help="classes to learn (default: all)")
+    add_vector_config(p)
+    p.add_argument("--out", required=True)
+    add_data_root(p)
+    add_device(p)
+    p.set_defaults(func=cmd_bank)
+
+    p = sub.add_parser("compose", help="forget-vector arithmetic: a new vector from a bank")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--classes", nargs="+", required=True, help="classes the new vector forgets")
+    p.add_argument("--mode", choices=("sum", "mean", "learned"), default="sum")
+    p.add_argument("--classifier", help="needed for --mode learned; also evaluates the result")
+    add_vector_config(p)
+    p.add_argument("--out", required=True)
+    add_data_root(p)
+    add_device(p)
+    p.set_defaults(func=cmd_compose)
+
+    p = sub.add_parser("evaluate", help="UA/RA/TA/MIA (and Avg. Gap) of a vector against the original model")
+    p.add_argument("--classifier", required=True)
+    p.add_argument("--vector", help="vector file (omit to evaluate the original model alone)")
+    p.add_argument("--retrain", help="Retrain reference checkpoint (trained without the forget set)")
+    add_forget_target(p, required=False)
+    p.add_argument("--force", action="store_true", help="evaluate even if the vector was made for another model")
+    p.add_argument("--out-dir", required=True)
+    add_data_root(p)
+    add_device(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("inspect", help="print a vector's or bank's metadata")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_inspect)

@@ -1,0 +1,36 @@
+"""Entry point of `fv`: builds the parser from the command modules; expected errors become one line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from fv_serving.cli import core
+from fv_serving.cli.common import OneLineErrorParser
+from fv_serving.errors import FVError
+
+COMMAND_MODULES = (core,)
+
+
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="fv", description="Forget vectors: learn, export, serve and switch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FVError as exc:
+        print(f"fv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fv {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

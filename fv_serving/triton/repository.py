@@ -1,0 +1,383 @@
+"""The Triton model repository: classifier, forget step, their ensemble, optionally a fused graph.
+
+Layout (`runtime="python"` adds the ORT runner's model.py to each ONNX version folder):
+
+    <repo>/classifier/config.pbtxt, 1/model.onnx
+    <repo>/forget_step/config.pbtxt, <n>/model.onnx, <n>/forget_step.json
+    <repo>/unlearned/config.pbtxt, 1/            (ensemble forget_step -> classifier)
+    <repo>/fused/config.pbtxt, 1/model.onnx      (optional: delta baked into the classifier)
+
+Tensor names, data types and dims come from the ONNX graphs themselves; the first
+dim of every tensor is the dynamic batch. A forget vector is switched by publishing
+a new numbered forget_step version folder (atomically) and asking Triton to load
+the model again: its version policy keeps only the latest, the classifier is
+untouched. Version folders are never rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import onnx
+from tritonclient.grpc.model_config_pb2 import ModelConfig
+
+from fv_serving.atomic import atomic_directory, write_bytes_atomic, write_json_atomic
+from fv_serving.errors import DataNotFoundError, InvalidInputError, OnnxGraphError
+from fv_serving.triton import model_config as mcfg
+from fv_serving.triton.model_config import Device, EnsembleStep, Runtime, TensorSpec
+
+CLASSIFIER_MODEL = "classifier"
+FORGET_STEP_MODEL = "forget_step"
+ENSEMBLE_MODEL = "unlearned"
+FUSED_MODEL = "fused"
+MODEL_NAMES = (CLASSIFIER_MODEL, FORGET_STEP_MODEL, ENSEMBLE_MODEL, FUSED_MODEL)
+
+ONNX_FILENAME = mcfg.ONNX_FILENAME
+RUNNER_FILENAME = "model.py"
+METADATA_FILENAME = "forget_step.json"
+#: Ensemble-wide name of the perturbed image passed from the forget step to the classifier.
+PERTURBED_TENSOR = "fv_perturbed_input"
+
+OnnxSource = str | os.PathLike[str] | bytes | onnx.ModelProto
+
+_ONNX_TO_TRITON: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "FP32",
+    onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.BFLOAT16: "BF16",
+    onnx.TensorProto.DOUBLE: "FP64",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.INT16: "INT16",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.UINT16: "UINT16",
+    onnx.TensorProto.UINT32: "UINT32",
+    onnx.TensorProto.UINT64: "UINT64",
+    onnx.TensorProto.BOOL: "BOOL",
+}
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    """Inputs and outputs of an ONNX graph as Triton sees them (batch dim excluded)."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """A checked ONNX graph ready to be written: its bytes and its signature."""
+
+    data: bytes
+    signature: GraphSignature
+
+
+# -- public API --------------------------------------------------------------------------------------
+
+
+def read_signature(model: OnnxSource) -> GraphSignature:
+    """Inputs/outputs of an ONNX graph; refuses graphs whose first dim is not a dynamic batch."""
+    return _load_graph(model, "graph").signature
+
+
+def build_repository(
+    out_dir: str | os.PathLike[str],
+    classifier_onnx: OnnxSource,
+    forget_step_onnx: OnnxSource,
+    fused_onnx: OnnxSource | None = None,
+    *,
+    runtime: Runtime = "python",
+    device: Device = "cpu",
+    max_batch_size: int = 64,
+    instance_count: int = 1,
+    intra_op_threads: int = 1,
+    forget_step_metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete model repository to `out_dir` atomically and return its path.
+
+    The whole tree is built in a temporary folder beside `out_dir` and renamed into
+    place, so a failure never leaves a half-built repository. An existing non-empty
+    `out_dir` is refused unless `overwrite=True`.
+    """
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"out_dir {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InvalidInputError(f"out_dir {out} is not empty; pass overwrite=True to replace it")
+
+    classifier = _load_graph(classifier_onnx, "classifier")
+    forget_step = _load_graph(forget_step_onnx, "forget step")
+    fused = _load_graph(fused_onnx, "fused graph") if fused_onnx is not None else None
+    _check_single_io(classifier.signature, "classifier")
+    _check_single_io(forget_step.signature, "forget step")
+    _check_chain(forget_step.signature, classifier.signature)
+    if fused is not None:
+        _check_same_io(fused.signature, classifier.signature)
+
+    def step_config(name: str, signature: GraphSignature, keep_latest: int | None = None) -> ModelConfig:
+        return mcfg.onnx_step_config(
+            name,
+            signature.inputs,
+            signature.outputs,
+            runtime=runtime,
+            device=device,
+            max_batch_size=max_batch_size,
+            instance_count=instance_count,
+            intra_op_threads=intra_op_threads,
+            keep_latest_versions=keep_latest,
+        )
+
+    configs = {
+        CLASSIFIER_MODEL: step_config(CLASSIFIER_MODEL, classifier.signature),
+        # latest-1 policy: a newly published version replaces the old one on load_model
+        FORGET_STEP_MODEL: step_config(FORGET_STEP_MODEL, forget_step.signature, keep_latest=1),
+        ENSEMBLE_MODEL: _ensemble(forget_step.signature, classifier.signature, max_batch_size),
+    }
+    mcfg.check_ensemble_steps(configs[ENSEMBLE_MODEL], configs)
+    if fused is not None:
+        configs[FUSED_MODEL] = step_config(FUSED_MODEL, fused.signature)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for name, config in configs.items():
+            mcfg.write_config(staging / name, config)
+        _write_version(staging / CLASSIFIER_MODEL / "1", classifier.data, runtime)
+        _write_version(staging / FORGET_STEP_MODEL / "1", forget_step.data, runtime, forget_step_metadata or {})
+        (staging / ENSEMBLE_MODEL / "1").mkdir()  # Triton requires the (empty) version folder
+        if fused is not None:
+            _write_version(staging / FUSED_MODEL / "1", fused.data, runtime)
+        _swap_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def publish_forget_step_version(
+    repo_dir: str | os.PathLike[str],
+    onnx_model: OnnxSource,
+    metadata: Mapping[str, Any] | None = None,
+) -> int:
+    """Write the next forget_step version folder atomically and return its number.
+
+    The graph must have exactly the inputs/outputs of the forget_step config, so the
+    ensemble and the classifier keep working unchanged. Loading it into a running
+    server is the caller's step (`load_model("forget_step")`).
+    """
+    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+    config = mcfg.read_config(model_dir)
+    graph = _load_graph(onnx_model, "forget step")
+    expected = GraphSignature(mcfg.tensor_specs(config.input), mcfg.tensor_specs(config.output))
+    if graph.signature != expected:
+        raise OnnxGraphError(
+            f"new forget step graph does not match {model_dir / mcfg.CONFIG_FILENAME}: "
+            f"expected {_describe(expected)}, got {_describe(graph.signature)}"
+        )
+    runtime: Runtime = "python" if config.backend == "python" else "onnxruntime"
+    for _ in range(5):  # another publisher may take the same number first
+        version = max(list_forget_step_versions(repo_dir), default=0) + 1
+        try:
+            _write_version(model_dir / str(version), graph.data, runtime, metadata or {})
+        except FileExistsError:
+            continue
+        return version
+    raise InvalidInputError(f"could not claim a new version folder in {model_dir}: too many concurrent publishers")
+
+
+def list_forget_step_versions(repo_dir: str | os.PathLike[str]) -> list[int]:
+    """Published forget_step versions, ascending (temporary folders of in-flight writes excluded)."""
+    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+    if not model_dir.is_dir():
+        raise InvalidInputError(f"{model_dir} is missing: {repo_dir} is not a forget-vector repository")
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def prune_forget_step_versions(repo_dir: str | os.PathLike[str], keep: int = 2) -> list[int]:
+    """Delete all but the newest `keep` forget_step version folders; return the deleted numbers.
+
+    Triton serves only the latest version (version policy latest 1), so older folders
+    are history. Keeping at least two leaves the previous vector at hand for a rollback.
+    """
+    if keep < 1:
+        raise InvalidInputError(f"keep must be >= 1 (the served version stays), got {keep}")
+    versions = list_forget_step_versions(repo_dir)
+    doomed = versions[:-keep]
+    for version in doomed:
+        shutil.rmtree(Path(repo_dir) / FORGET_STEP_MODEL / str(version))
+    return doomed
+
+
+def read_forget_step_metadata(repo_dir: str | os.PathLike[str], version: int | None = None) -> dict[str, Any]:
+    """The metadata stored with a forget_step version (the latest one by default)."""
+    versions = list_forget_step_versions(repo_dir)
+    if not versions:
+        raise InvalidInputError(f"{repo_dir}: forget_step has no version folder")
+    chosen = versions[-1] if version is None else version
+    if chosen not in versions:
+        raise InvalidInputError(f"{repo_dir}: forget_step has no version {chosen} (has {versions})")
+    path = Path(repo_dir) / FORGET_STEP_MODEL / str(chosen) / METADATA_FILENAME
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    return result
+
+
+def runner_source() -> bytes:
+    """The ORT runner model.py shipped in the `triton_models` package.
+
+    Falls back to the source checkout beside fv_serving/, for an editable install made
+    before `triton_models` was a package.
+    """
+    try:
+        return resources.files("triton_models").joinpath("ort_runner", RUNNER_FILENAME).read_bytes()
+    except ModuleNotFoundError:
+        checkout = Path(__file__).resolve().parents[2] / "triton_models" / "ort_runner" / RUNNER_FILENAME
+        if not checkout.is_file():
+            raise
+        return checkout.read_bytes()
+
+
+# -- ONNX inspection ---------------------------------------------------------------------------------
+
+
+def _load_graph(source: OnnxSource, what: str) -> _Graph:
+    """Load (external data included), check and serialise a graph; read its signature."""
+    model = _load_model(source, what)
+    try:
+        onnx.checker.check_model(model)
+        data = model.SerializeToString()
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise OnnxGraphError(f"{what}: invalid ONNX graph: {exc}") from exc
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = tuple(_spec(v, what) for v in graph.input if v.name not in initializers)
+    outputs = tuple(_spec(v, what) for v in graph.output)
+    return _Graph(data, GraphSignature(inputs, outputs))
+
+
+def _load_model(source: OnnxSource, what: str) -> onnx.ModelProto:
+    if isinstance(source, onnx.ModelProto):
+        return source
+    if isinstance(source, bytes):
+        try:
+            return onnx.load_from_string(source)
+        except Exception as exc:
+            raise OnnxGraphError(f"{what}: cannot parse ONNX bytes: {exc}") from exc
+    path = Path(source)
+    if not path.is_file():
+        raise DataNotFoundError(f"{what}: ONNX file {path} not found")
+    try:
+        return onnx.load(path)  # external data, if any, is loaded and later inlined
+    except Exception as exc:
+        raise OnnxGraphError(f"{what}: cannot read ONNX model {path}: {exc}") from exc
+
+
+def _spec(value: onnx.ValueInfoProto, what: str) -> TensorSpec:
+    tensor_type = value.type.tensor_type
+    datatype = _ONNX_TO_TRITON.get(tensor_type.elem_type)
+    if datatype is None:
+        raise OnnxGraphError(
+            f"{what}: tensor {value.name!r} has ONNX type "
+            f"{onnx.TensorProto.DataType.Name(tensor_type.elem_type)}, which this project does not serve"
+        )
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else -1 for d in tensor_type.shape.dim]
+    if not dims or dims[0] != -1:
+        raise OnnxGraphError(
+            f"{what}: tensor {value.name!r} has shape {dims}; the first dim must be a dynamic batch "
+            "(export with a dynamic batch dimension)"
+        )
+    if len(dims) == 1:
+        raise OnnxGraphError(f"{what}: tensor {value.name!r} has only the batch dim; Triton needs at least one more")
+    return TensorSpec(value.name, datatype, tuple(dims[1:]))
+
+
+def _check_single_io(signature: GraphSignature, what: str) -> None:
+    if len(signature.inputs) != 1 or len(signature.outputs) != 1:
+        raise OnnxGraphError(f"{what}: expected exactly one input and one output, got {_describe(signature)}")
+
+
+def _check_chain(forget_step: GraphSignature, classifier: GraphSignature) -> None:
+    """The forget step's output must be exactly what the classifier takes in."""
+    out, into = forget_step.outputs[0], classifier.inputs[0]
+    if (out.datatype, out.dims) != (into.datatype, into.dims):
+        raise OnnxGraphError(
+            f"forget step output {out.name!r} is {out.datatype}{list(out.dims)} but classifier input "
+            f"{into.name!r} is {into.datatype}{list(into.dims)} (batch dim excluded); they must match"
+        )
+    image = forget_step.inputs[0]
+    if (image.datatype, image.dims) != (into.datatype, into.dims):
+        raise OnnxGraphError(
+            f"forget step input {image.name!r} is {image.datatype}{list(image.dims)}, expected the "
+            f"classifier's input type {into.datatype}{list(into.dims)}"
+        )
+
+
+def _check_same_io(fused: GraphSignature, classifier: GraphSignature) -> None:
+    if fused != classifier:
+        raise OnnxGraphError(
+            f"fused graph must be a drop-in for the classifier: expected {_describe(classifier)}, "
+            f"got {_describe(fused)}"
+        )
+
+
+def _describe(signature: GraphSignature) -> str:
+    def side(specs: tuple[TensorSpec, ...]) -> str:
+        return ", ".join(f"{s.name}:{s.datatype}{list(s.dims)}" for s in specs) or "nothing"
+
+    return f"inputs ({side(signature.inputs)}) -> outputs ({side(signature.outputs)})"
+
+
+# -- configs and files -------------------------------------------------------------------------------
+
+
+def _ensemble(forget_step: GraphSignature, classifier: GraphSignature, max_batch_size: int) -> ModelConfig:
+    """Ensemble `unlearned`: same input as the forget step, same output as the classifier."""
+    image, perturbed = forget_step.inputs[0], forget_step.outputs[0]
+    into, logits = classifier.inputs[0], classifier.outputs[0]
+    if PERTURBED_TENSOR in (image.name, logits.name):
+        raise OnnxGraphError(f"tensor name {PERTURBED_TENSOR!r} is reserved for the ensemble's internal tensor")
+    steps = [
+        EnsembleStep(FORGET_STEP_MODEL, {image.name: image.name}, {perturbed.name: PERTURBED_TENSOR}),
+        EnsembleStep(CLASSIFIER_MODEL, {into.name: PERTURBED_TENSOR}, {logits.name: logits.name}),
+    ]
+    return mcfg.ensemble_config(ENSEMBLE_MODEL, [image], [logits], steps, max_batch_size=max_batch_size)
+
+
+def _write_version(
+    version_dir: Path, onnx_bytes: bytes, runtime: Runtime, metadata: Mapping[str, Any] | None = None
+) -> None:
+    """Write one version folder atomically: model.onnx (+ runner model.py, + metadata json)."""
+    with atomic_directory(version_dir) as tmp:
+        write_bytes_atomic(tmp / ONNX_FILENAME, onnx_bytes)
+        if runtime == "python":
+            write_bytes_atomic(tmp / RUNNER_FILENAME, runner_source())
+        if metadata is not None:
+            try:
+                write_json_atomic(tmp / METADATA_FILENAME, dict(metadata))
+            except (TypeError, ValueError) as exc:
+                raise InvalidInputError(f"forget step metadata must be JSON-serialisable: {exc}") from exc
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Rename the finished tree onto `out`, moving an old tree aside first and deleting it after."""
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.rename(out, old / out.name)
+    try:
+        os.rename(staging, out)
+    except OSError:
+        os.rename(old / out.name, out)  # put the previous repository back
+        raise
+    finally:
+        if out.exists():
+            shutil.rmtree(old, ignore_errors=True)
