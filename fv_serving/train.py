@@ -86,7 +86,7 @@ def sgd_epochs(
                 after_step()
             if scheduler is not None:
                 scheduler.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             count += len(y)
             bar.set_postfix(loss=f"{total / count:.4f}")
         losses.append(total / max(count, 1))

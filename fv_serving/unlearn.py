@@ -241,7 +241,7 @@ def learn_perturbation(
                 distance = _rule_distance(goal, forget_acc, holdout_acc, holdout0, config)
                 checks.append(Check(round(epoch + step / steps, 3), forget_acc, holdout_acc, distance == 0, distance))
                 states.append(copy.deepcopy(perturbation.state_dict()))
-                bar.set_postfix(loss=f"{float(loss):.3f}", forget=f"{forget_acc:.1f}", holdout=f"{holdout_acc:.1f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", forget=f"{forget_acc:.1f}", holdout=f"{holdout_acc:.1f}")
                 if config.stopping and distance == 0:
                     stop = True
                     break

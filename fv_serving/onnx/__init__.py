@@ -1,0 +1,56 @@
+"""ONNX side of fv-serving: export the classifier, fuse a forget vector into a graph, build forget steps.
+
+    export.py   PyTorch classifier -> self-contained ONNX file (raw pixels in, logits out)
+    graph.py    inspection (which input is the image), checker, atomic single-file I/O
+    fuse.py     graph surgery: fused graph (vector baked into a classifier) and forget-step graph
+    runtime.py  onnxruntime sessions (cpu/cuda), classifier check, parity checks
+
+A user with their own ONNX classifier and a vector file needs only graph.py, fuse.py
+and runtime.py; PyTorch is used only to export and as the reference definition.
+"""
+
+from fv_serving.onnx.export import GraphSummary, classifier_to_onnx, export_classifier
+from fv_serving.onnx.fuse import forget_step_graph, fuse_vector, vector_from_bank
+from fv_serving.onnx.graph import (
+    DEFAULT_OPSET,
+    ImageInput,
+    TensorInfo,
+    check_model,
+    find_image_input,
+    graph_inputs,
+    graph_outputs,
+    load_model,
+    metadata,
+    save_model,
+)
+from fv_serving.onnx.runtime import (
+    check_vector_matches,
+    make_session,
+    providers_for,
+    verify_forget_step,
+    verify_fused,
+)
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "GraphSummary",
+    "ImageInput",
+    "TensorInfo",
+    "check_model",
+    "check_vector_matches",
+    "classifier_to_onnx",
+    "export_classifier",
+    "find_image_input",
+    "forget_step_graph",
+    "fuse_vector",
+    "graph_inputs",
+    "graph_outputs",
+    "load_model",
+    "make_session",
+    "metadata",
+    "providers_for",
+    "save_model",
+    "vector_from_bank",
+    "verify_forget_step",
+    "verify_fused",
+]
