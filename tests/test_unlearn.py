@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from conftest import FORGET_CLASS, QUICK_VECTOR
 
 from fv_serving.data import ForgetSpec
 from fv_serving.metrics import evaluate_unlearning, predict
@@ -11,8 +12,6 @@ from fv_serving.perturbation import PerturbedClassifier
 from fv_serving.pipeline import Workspace, compose_vector, learn_bank
 from fv_serving.unlearn import VectorConfig, learn_forget_vector
 from fv_serving.vectors import ForgetVector, load_vector
-
-from conftest import FORGET_CLASS, QUICK_VECTOR
 
 
 def test_short_run_raises_ua_well_above_original(tiny_workspace: Workspace, class_vector) -> None:

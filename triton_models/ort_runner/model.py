@@ -112,8 +112,7 @@ class TritonPythonModel:
 
     def _response(self, arrays: Any) -> Any:
         tensors = [
-            pb_utils.Tensor(name, np.ascontiguousarray(array))
-            for name, array in zip(self.outputs, arrays, strict=True)
+            pb_utils.Tensor(name, np.ascontiguousarray(array)) for name, array in zip(self.outputs, arrays, strict=True)
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
