@@ -1,0 +1,206 @@
+"""Quality of forget vectors on full Fashion-MNIST with the default model (issue: core library).
+
+Measures, in one run, with the library calls the CLI uses:
+  1. class-wise vectors (a bank of all class vectors; three classes reported in full):
+     UA, RA, TA, MIA-Efficacy against the original model;
+  2. forget-vector arithmetic for a two-class task: zero-shot sum of the two class
+     vectors vs learned coefficients over the whole bank (UA on each class);
+  3. 10% random forgetting against a Retrain model, with an original that has
+     memorised its (subset of the) training data, so that the task means something.
+
+    python benchmarks/quality.py            # ~20-25 min on 2 CPU cores
+Writes benchmarks/results/quality/{quality.json, quality.md} and PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fv_serving.atomic import write_bytes_atomic, write_json_atomic
+from fv_serving.data import ForgetSpec, SplitSpec
+from fv_serving.metrics import evaluate_unlearning
+from fv_serving.perturbation import PerturbedClassifier
+from fv_serving.pipeline import (
+    Workspace,
+    bank_figure,
+    compose_vector,
+    learn_bank,
+    learn_vector,
+    open_workspace,
+    train_model,
+)
+from fv_serving.train import TrainConfig
+from fv_serving.unlearn import VectorConfig
+
+METRICS = ("UA", "RA", "TA", "MIA")
+
+
+def _row(metrics: Any) -> dict[str, float]:
+    return {k: round(float(metrics[k] if isinstance(metrics, dict) else getattr(metrics, k)), 2) for k in METRICS}
+
+
+def class_wise(ws: Workspace, out: Path, report_classes: list[int], compose: list[int]) -> dict[str, Any]:
+    start = time.perf_counter()
+    bank = learn_bank(ws, VectorConfig(), out / "bank.safetensors")
+    bank_seconds = time.perf_counter() - start
+    bank_figure(bank, out / "bank.png")
+    rows: dict[str, Any] = {}
+    for c in report_classes:
+        split = ws.forget_split(ForgetSpec(classes=(c,)))
+        original, _ = evaluate_unlearning(ws.model, ws.data, split)
+        unlearned, details = evaluate_unlearning(
+            PerturbedClassifier(ws.model, torch.from_numpy(bank.vector_for(c))), ws.data, split
+        )
+        name = ws.data.class_names[c]
+        rows[name] = {
+            "original": _row(original),
+            "forget vector": _row(unlearned),
+            "RA drop": round(original.RA - unlearned.RA, 2),
+            "TA drop": round(original.TA - unlearned.TA, 2),
+            "forgotten class test accuracy": round(details["forgotten_classes_test_accuracy"], 2),
+            "stopping": bank.metrics["per_class_stopping"][str(c)],
+        }
+    composed: dict[str, Any] = {}
+    for mode in ("sum", "learned"):
+        t0 = time.perf_counter()
+        vector, metrics = compose_vector(bank, compose, mode, out / f"compose_{mode}.safetensors", ws=ws)
+        composed[mode] = {
+            **_row(metrics),
+            "UA_per_class": {
+                ws.data.class_names[int(c)]: round(v, 2) for c, v in metrics["per_forgotten_class_UA"].items()
+            },
+            "coefficients": vector.forget["composed"]["coefficients"],
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+    return {
+        "bank_seconds": round(bank_seconds, 1),
+        "classes": rows,
+        "composition": composed,
+        "composed_classes": [ws.data.class_names[c] for c in compose],
+    }
+
+
+def random_forgetting(out: Path, train_size: int, epochs: int, percent: float, seed: int) -> dict[str, Any]:
+    split = SplitSpec(seed=0, val_size=5000, train_size=train_size)
+    config = TrainConfig(epochs=epochs, augment=False)
+    forget = ForgetSpec(percent=percent, seed=seed)
+    original = train_model("fashion-mnist", out / "memorised.safetensors", config=config, split=split)
+    retrain = train_model("fashion-mnist", out / "retrain.safetensors", config=config, split=split, exclude=forget)
+    ws = open_workspace(out / "memorised.safetensors")
+    retrain_ws = open_workspace(out / "retrain.safetensors")
+    vector, _ = learn_vector(ws, forget, VectorConfig(), out / "random.safetensors", evaluate=False)
+    task = ws.forget_split(forget)
+    rows = {
+        "original": evaluate_unlearning(ws.model, ws.data, task)[0],
+        "retrain": evaluate_unlearning(retrain_ws.model, ws.data, task)[0],
+        "forget vector": evaluate_unlearning(
+            PerturbedClassifier(ws.model, torch.from_numpy(vector.delta)), ws.data, task
+        )[0],
+    }
+    reference = rows["retrain"]
+    return {
+        "train_size": train_size,
+        "epochs": epochs,
+        "percent": percent,
+        "seed": seed,
+        "accuracy": {"original": original["accuracy"], "retrain": retrain["accuracy"]},
+        "rows": {name: {**_row(m), "avg_gap": round(m.avg_gap(reference), 2)} for name, m in rows.items()},
+        "vector_stopping": vector.metrics["stopping"],
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Forget-vector quality on Fashion-MNIST ({result['date']})",
+        "",
+        f"Machine: {result['machine']}. Command: `{result['command']}`. Wall time {result['seconds']:.0f} s.",
+        "",
+        "## Class-wise forgetting (original -> forget vector)",
+        "",
+        "| class | UA | RA | TA | MIA | RA drop | TA drop |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in result["class_wise"]["classes"].items():
+        o, v = r["original"], r["forget vector"]
+        lines.append(
+            f"| {name} | {o['UA']} -> **{v['UA']}** | {o['RA']} -> {v['RA']} | {o['TA']} -> {v['TA']} | "
+            f"{o['MIA']} -> **{v['MIA']}** | {r['RA drop']} | {r['TA drop']} |"
+        )
+    comp = result["class_wise"]["composition"]
+    names = result["class_wise"]["composed_classes"]
+    lines += [
+        "",
+        f"## Forget-vector arithmetic: forgetting {' + '.join(names)}",
+        "",
+        "| composition | " + " | ".join(f"UA {n}" for n in names) + " | RA | TA | MIA | time (s) |",
+        "|---|" + "---|" * (len(names) + 4),
+    ]
+    for mode, r in comp.items():
+        label = "zero-shot sum" if mode == "sum" else "learned coefficients"
+        lines.append(
+            f"| {label} | "
+            + " | ".join(str(r["UA_per_class"][n]) for n in names)
+            + f" | {r['RA']} | {r['TA']} | {r['MIA']} | {r['seconds']} |"
+        )
+    rnd = result["random"]
+    lines += [
+        "",
+        f"## {rnd['percent']}% random forgetting (seed {rnd['seed']}), original trained {rnd['epochs']} "
+        f"epochs on {rnd['train_size']} images without augmentation",
+        "",
+        f"Accuracy (train/test): original {rnd['accuracy']['original']['train']:.2f} / "
+        f"{rnd['accuracy']['original']['test']:.2f}, Retrain {rnd['accuracy']['retrain']['train']:.2f} / "
+        f"{rnd['accuracy']['retrain']['test']:.2f}.",
+        "",
+        "| model | UA | RA | TA | MIA | Avg. Gap |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rnd["rows"].items():
+        lines.append(f"| {name} | {r['UA']} | {r['RA']} | {r['TA']} | {r['MIA']} | {r['avg_gap']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default="benchmarks/results/quality")
+    parser.add_argument("--work-dir", default="runs/quality", help="checkpoints and vectors (not committed)")
+    parser.add_argument("--classifier", help="reuse a classifier trained by `fv train` (default: train one)")
+    parser.add_argument("--classes", nargs="+", type=int, default=[2, 5, 8], help="class-wise rows reported")
+    parser.add_argument("--compose", nargs=2, type=int, default=[2, 5], help="two-class composition task")
+    parser.add_argument("--random-train-size", type=int, default=10000)
+    parser.add_argument("--random-epochs", type=int, default=40)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    out, work = Path(args.out_dir), Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    classifier = Path(args.classifier) if args.classifier else work / "classifier.safetensors"
+    if not args.classifier:
+        train_model("fashion-mnist", classifier)
+    ws = open_workspace(classifier)
+    result: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "command": "python " + " ".join(sys.argv),
+        "classifier": ws.loaded.info["accuracy"],
+        "class_wise": class_wise(ws, work, args.classes, args.compose),
+        "random": random_forgetting(work, args.random_train_size, args.random_epochs, 10.0, 0),
+    }
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    write_json_atomic(out / "quality.json", result)
+    text = markdown(result)
+    write_bytes_atomic(out / "quality.md", text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
