@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _default_mode(base: int) -> int:
+    """The permissions a plain open()/mkdir() would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the destination's folder; rename it over the destination on success."""
@@ -26,6 +33,7 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(_default_mode(0o666))  # mkstemp makes 0600; a served model file must be readable like any other
     try:
         yield tmp
         os.replace(tmp, dest)
@@ -55,6 +63,7 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
         raise FileExistsError(f"{dest} already exists; refusing to overwrite it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp.chmod(_default_mode(0o777))
     try:
         yield tmp
         os.rename(tmp, dest)

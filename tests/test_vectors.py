@@ -146,3 +146,12 @@ def test_vector_for_another_classifier_refused(class_vector, other_classifier_pa
         vector.classifier.check_weights(other, "the vector")
     with pytest.raises(ModelMismatchError, match="probe images differ"):
         vector.classifier.check_outputs(lambda x: other(__import__("torch").from_numpy(x)).numpy(), "the vector")
+
+
+def test_atomic_files_get_normal_permissions(tmp_path: Path) -> None:
+    import os
+
+    path = save_vector(_vector(), tmp_path / "v.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
