@@ -33,9 +33,10 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    tmp.chmod(_default_mode(0o666))  # mkstemp makes 0600; a served model file must be readable like any other
     try:
         yield tmp
+        # mkstemp (and some writers) make 0600 files; a served model must be readable like any other file.
+        tmp.chmod(_default_mode(0o666))
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
