@@ -67,7 +67,14 @@ def cmd_fused(args: argparse.Namespace) -> int:
     normalized = _normalized_input(args)
     vector = load_vector(args.vector)
     original = load_model(args.onnx, "classifier graph")
-    fused = fuse_vector(original, vector, input_name=args.input_name, normalized_input=normalized, force=args.force)
+    fused = fuse_vector(
+        original,
+        vector,
+        input_name=args.input_name,
+        normalized_input=normalized,
+        force=args.force,
+        provider=args.provider,
+    )
     image = find_image_input(original, args.input_name)
     verified = [
         "onnx.checker full check",
@@ -78,7 +85,13 @@ def cmd_fused(args: argparse.Namespace) -> int:
     ]
     if len(graph_inputs(original)) == 1:
         err = verify_fused(
-            original, fused, vector, probe_batch(image.chw), input_name=image.name, normalized_input=normalized
+            original,
+            fused,
+            vector,
+            probe_batch(image.chw),
+            input_name=image.name,
+            normalized_input=normalized,
+            provider=args.provider,
         )
         verified.append(f"fused(x) == original(clamp(x + delta)) in onnxruntime on probe images: max |diff| {err:.2e}")
     else:
