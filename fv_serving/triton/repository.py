@@ -29,7 +29,7 @@ from typing import Any
 import onnx
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
-from fv_serving.atomic import atomic_directory, write_bytes_atomic, write_json_atomic
+from fv_serving.atomic import atomic_directory, default_mode, write_bytes_atomic, write_json_atomic
 from fv_serving.errors import DataNotFoundError, InvalidInputError, OnnxGraphError
 from fv_serving.triton import model_config as mcfg
 from fv_serving.triton.model_config import Device, EnsembleStep, Runtime, TensorSpec
@@ -149,6 +149,7 @@ def build_repository(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    staging.chmod(default_mode(0o777))  # mkdtemp's 0700 would hide the repository from a Triton running as another user
     try:
         for name, config in configs.items():
             mcfg.write_config(staging / name, config)
