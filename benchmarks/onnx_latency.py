@@ -37,7 +37,8 @@ from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.data import SplitSpec, load_dataset, to_numpy_images
 from fv_serving.fingerprint import ClassifierFingerprint
 from fv_serving.models import load_classifier
-from fv_serving.onnx import export_classifier, fuse_vector, load_model, make_session
+from fv_serving.onnx import fuse_vector, load_model, make_session
+from fv_serving.onnx.export import export_classifier
 from fv_serving.pipeline import train_model
 from fv_serving.train import TrainConfig
 from fv_serving.vectors import ForgetVector, load_vector

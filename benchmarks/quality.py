@@ -27,7 +27,7 @@ import torch
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.data import ForgetSpec, SplitSpec
 from fv_serving.metrics import evaluate_unlearning
-from fv_serving.perturbation import PerturbedClassifier
+from fv_serving.models import PerturbedClassifier
 from fv_serving.pipeline import (
     Workspace,
     bank_figure,
@@ -177,8 +177,9 @@ def main() -> int:
     parser.add_argument("--compose", nargs=2, type=int, default=[2, 5], help="two-class composition task")
     parser.add_argument("--random-train-size", type=int, default=10000)
     parser.add_argument("--random-epochs", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     out, work = Path(args.out_dir), Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

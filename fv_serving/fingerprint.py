@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from fv_serving.errors import ModelMismatchError
+
+if TYPE_CHECKING:  # torch is imported only where a PyTorch model is fingerprinted, not to check graphs
+    from torch import nn
 
 PROBE_SEED = 2412_16780
 PROBE_COUNT = 4
@@ -35,6 +36,8 @@ PROBE_ATOL = 1e-3
 
 def weights_digest(model: nn.Module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes) in name order."""
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
@@ -49,11 +52,13 @@ def probe_batch(input_shape: tuple[int, ...], seed: int = PROBE_SEED, count: int
     return rng.uniform(0.0, 1.0, size=(count, *input_shape)).astype(np.float32)
 
 
-@torch.no_grad()
 def torch_probe_logits(model: nn.Module, input_shape: tuple[int, ...]) -> np.ndarray:
+    import torch
+
     device = next(model.parameters()).device
-    x = torch.from_numpy(probe_batch(input_shape)).to(device)
-    return model(x).float().cpu().numpy()
+    with torch.no_grad():
+        x = torch.from_numpy(probe_batch(input_shape)).to(device)
+        return model(x).float().cpu().numpy()
 
 
 @dataclass(frozen=True)

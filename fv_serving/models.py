@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fv_serving.atomic import atomic_path
+from fv_serving.config import ARCHITECTURES
 from fv_serving.errors import DataNotFoundError, FileFormatError, InvalidInputError
+from fv_serving.perturbation import Clamp, apply_delta
 
-ARCHITECTURES = ("small-cnn", "resnet18")
 CHECKPOINT_METADATA_KEY = "fv_serving.classifier"
 
 
@@ -107,7 +107,9 @@ def _small_cnn(in_channels: int, num_classes: int) -> nn.Module:
 
 def _resnet18_cifar(in_channels: int, num_classes: int) -> nn.Module:
     """torchvision ResNet-18 in its CIFAR form: 3x3 stride-1 first conv, no max-pool."""
-    net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None, num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return net
@@ -171,3 +173,18 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
     model.load_state_dict(state)
     freeze(model.to(device))
     return LoadedClassifier(model=model, info=payload["info"], path=path)
+
+
+class PerturbedClassifier(nn.Module):
+    """A frozen classifier behind a fixed forget vector: the unlearned model g(x) = f(clamp(x + delta))."""
+
+    delta: torch.Tensor
+
+    def __init__(self, classifier: nn.Module, delta: torch.Tensor, clamp: Clamp = None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.register_buffer("delta", delta.detach().reshape(1, *delta.shape[-3:]).float())
+        self.clamp = clamp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(apply_delta(x, self.delta, self.clamp))

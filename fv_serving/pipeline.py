@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fv_serving.arithmetic import combine, zero_shot_weights
+from fv_serving.arithmetic import vector_from_bank, zero_shot_vector, zero_shot_weights
 from fv_serving.atomic import write_json_atomic
 from fv_serving.data import (
     Dataset,
@@ -34,11 +34,11 @@ from fv_serving.models import (
     Classifier,
     LoadedClassifier,
     ModelSpec,
+    PerturbedClassifier,
     freeze,
     load_classifier,
     save_classifier,
 )
-from fv_serving.perturbation import PerturbedClassifier
 from fv_serving.plots import plot_bank, plot_per_class, plot_vector
 from fv_serving.train import TrainConfig, train_classifier
 from fv_serving.unlearn import BankCombination, VectorConfig, learn_forget_vector, learn_perturbation
@@ -253,18 +253,15 @@ def compose_vector(
     """
     if mode not in COMPOSE_MODES:
         raise InvalidInputError(f"unknown composition mode {mode!r}; expected one of {COMPOSE_MODES}")
-    for c in classes:
-        bank.vector_for(c)
     if ws is not None:
         bank.classifier.check_weights(ws.model, "the bank")
-    init = zero_shot_weights(bank.classes, classes, "mean" if mode == "mean" else "sum")
     metrics: dict[str, Any] = {}
-    forget = ForgetSpec(classes=tuple(classes))
-    split = ws.forget_split(forget) if ws is not None else None
+    split = ws.forget_split(ForgetSpec(classes=tuple(classes))) if ws is not None else None
     if mode == "learned":
         if ws is None or split is None:
             raise InvalidInputError("learned composition needs the classifier (--classifier)")
         cfg = config or VectorConfig()
+        init = torch.from_numpy(zero_shot_weights(bank.classes, classes, "sum"))
         result = learn_perturbation(
             ws.model,
             ws.data,
@@ -275,33 +272,18 @@ def compose_vector(
             device=ws.device,
             desc="coefficients",
         )
-        weights, delta = result.weights, result.delta
+        assert result.weights is not None
+        vector = vector_from_bank(bank, result.weights, mode, classes)
+        vector.hparams = cfg.to_json()
         metrics["stopping"] = result.stopping_report()
     else:
-        weights = init.numpy()
-        delta = combine(bank.vectors, weights)
-    assert weights is not None
+        vector = zero_shot_vector(bank, classes, mode)
     if evaluate and ws is not None and split is not None:
-        g = PerturbedClassifier(ws.model, torch.from_numpy(delta).to(ws.device), bank.clamp)
+        g = PerturbedClassifier(ws.model, torch.from_numpy(vector.delta).to(ws.device), bank.clamp)
         unlearned, details = _evaluate(ws, g, split)
         metrics.update(unlearned.to_json(), details=details)
         metrics["per_forgotten_class_UA"] = per_class_forget_ua(ws, g, split)
-    vector = ForgetVector(
-        classifier=bank.classifier,
-        delta=delta,
-        clamp=bank.clamp,
-        forget={
-            **forget.to_json(),
-            "composed": {
-                "mode": mode,
-                "bank_classes": bank.classes,
-                "coefficients": [round(float(w), 6) for w in weights],
-            },
-        },
-        hparams=(config or VectorConfig()).to_json() if mode == "learned" else {},
-        metrics=metrics,
-        notes=bank.notes,
-    )
+    vector.metrics = metrics
     save_vector(vector, out)
     return vector, metrics
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,46 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from fv_serving.config import VectorConfig
 from fv_serving.data import Dataset, ForgetSplit, default_augmentation, iterate_batches, num_batches
 from fv_serving.metrics import predict
-from fv_serving.perturbation import Clamp, PerturbedClassifier, apply_delta
+from fv_serving.models import PerturbedClassifier
+from fv_serving.perturbation import apply_delta
 
 GOALS = ("erase", "match")
-
-
-@dataclass(frozen=True)
-class VectorConfig:
-    """Objective, optimiser and stopping rule. Defaults follow the authors' code (method.md sec. 2)."""
-
-    beta: float = 5.0  # forget-term weight (authors: 3-10 per class)
-    alpha: float = 1.0  # retain-term weight
-    tau: float = 1.0  # margin floor of the forget term
-    lam: float = 1.0  # regulariser weight (||delta||_2 / B, or ||w||_2 for combinations)
-    lr: float = 0.2
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    gamma: float = 0.9  # ExponentialLR, stepped once per epoch
-    batch_size: int = 256
-    max_epochs: int = 10
-    augment: bool = True
-    clamp: Clamp = None  # None for parity with the authors; (0, 1) keeps inputs valid images
-    stopping: bool = True  # False: run all epochs and keep the last delta (the authors' protocol)
-    checks_per_epoch: int = 2
-    forget_target: float = 0.5  # "erase": forget accuracy (percent) to reach
-    match_tolerance: float = 1.0  # "match": allowed |forget acc - hold-out acc| (points)
-    retain_margin: float = 2.0  # allowed hold-out accuracy drop (points) vs the original model
-    monitor_size: int = 2000  # forget samples checked by the stopping rule
-    seed: int = 0
-
-    @classmethod
-    def parity(cls, beta: float = 5.0) -> VectorConfig:
-        """The authors' released setting: ~200 epochs, no stopping rule, no clamp."""
-        return cls(beta=beta, max_epochs=200, stopping=False)
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["clamp"] = list(self.clamp) if self.clamp else None
-        return out
 
 
 def forget_vector_loss(
@@ -288,8 +255,3 @@ def learn_forget_vector(
         device=device,
         desc=f"forget vector ({split.spec.kind})",
     )
-
-
-def with_overrides(config: VectorConfig, **overrides: Any) -> VectorConfig:
-    """A copy of `config` with the given (non-None) fields replaced."""
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})

@@ -22,12 +22,9 @@ from fv_serving.data import Dataset, ForgetSpec, to_numpy_images
 from fv_serving.errors import InvalidInputError
 from fv_serving.fingerprint import weights_digest
 from fv_serving.metrics import predict
-from fv_serving.models import ModelSpec, load_classifier
+from fv_serving.models import ModelSpec, PerturbedClassifier, load_classifier
 from fv_serving.onnx import (
-    GraphSummary,
     TensorInfo,
-    classifier_to_onnx,
-    export_classifier,
     forget_step_graph,
     fuse_vector,
     load_model,
@@ -35,7 +32,8 @@ from fv_serving.onnx import (
     providers_for,
     save_model,
 )
-from fv_serving.perturbation import PerturbedClassifier, apply_delta
+from fv_serving.onnx.export import GraphSummary, classifier_to_onnx, export_classifier
+from fv_serving.perturbation import apply_delta
 from fv_serving.pipeline import Workspace
 from fv_serving.vectors import ForgetVector, VectorBank, save_bank
 

@@ -25,10 +25,8 @@ from fv_serving.cli.main import main
 from fv_serving.data import Dataset, to_numpy_images
 from fv_serving.errors import InvalidInputError, ModelMismatchError, OnnxGraphError
 from fv_serving.fingerprint import ClassifierFingerprint, probe_batch
-from fv_serving.models import Normalize, freeze, load_classifier
+from fv_serving.models import Normalize, PerturbedClassifier, freeze, load_classifier
 from fv_serving.onnx import (
-    classifier_to_onnx,
-    export_classifier,
     find_image_input,
     fuse_vector,
     graph_inputs,
@@ -37,7 +35,8 @@ from fv_serving.onnx import (
     metadata,
     save_model,
 )
-from fv_serving.perturbation import PerturbedClassifier, apply_delta
+from fv_serving.onnx.export import classifier_to_onnx, export_classifier
+from fv_serving.perturbation import apply_delta
 from fv_serving.pipeline import Workspace
 from fv_serving.vectors import ForgetVector, save_vector
 

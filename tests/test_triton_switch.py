@@ -24,10 +24,9 @@ from triton_testing import forget_step_onnx, random_delta, requires_triton
 from fv_serving.data import Dataset, to_numpy_images
 from fv_serving.errors import FileFormatError, ModelMismatchError, SwitchError
 from fv_serving.fingerprint import ClassifierFingerprint
-from fv_serving.models import load_classifier
+from fv_serving.models import PerturbedClassifier, load_classifier
 from fv_serving.onnx.fuse import forget_step_graph, fuse_vector
 from fv_serving.onnx.runtime import make_session
-from fv_serving.perturbation import PerturbedClassifier
 from fv_serving.pipeline import open_workspace
 from fv_serving.triton import switch as switch_module
 from fv_serving.triton.client import InferenceError, TritonClient

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-from fv_serving.unlearn import VectorConfig
+from fv_serving.config import VectorConfig, with_overrides
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -66,8 +66,6 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
 
 
 def vector_config(args: argparse.Namespace) -> VectorConfig:
-    from fv_serving.unlearn import with_overrides
-
     base = VectorConfig.parity() if args.preset == "parity" else VectorConfig()
     return with_overrides(
         base,

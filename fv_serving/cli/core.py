@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fv_serving.cli.common import (
     add_data_root,
@@ -14,10 +15,11 @@ from fv_serving.cli.common import (
     print_table,
     vector_config,
 )
-from fv_serving.data import DATASETS, ForgetSpec, SplitSpec
 from fv_serving.errors import InvalidInputError
-from fv_serving.models import ARCHITECTURES
-from fv_serving.train import TrainConfig
+
+if TYPE_CHECKING:
+    from fv_serving.data import ForgetSpec
+from fv_serving.config import ARCHITECTURES, DATASETS, DEFAULT_VAL_SIZE, TrainConfig
 
 METRIC_COLUMNS = ("UA", "RA", "TA", "MIA")
 
@@ -36,6 +38,7 @@ def _forget_spec(args: argparse.Namespace, ws: object) -> ForgetSpec | None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from fv_serving.data import ForgetSpec, SplitSpec
     from fv_serving.pipeline import train_model
 
     config = TrainConfig(
@@ -97,12 +100,12 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
 
 def cmd_compose(args: argparse.Namespace) -> int:
+    from fv_serving.arithmetic import bank_class_names, class_ids
     from fv_serving.pipeline import compose_vector, load_bank, open_workspace
 
     bank = load_bank(args.bank)
     ws = open_workspace(args.classifier, args.data_root, args.device) if args.classifier else None
-    names = bank.notes.get("class_names") or []
-    classes = [ws.data.class_index(c) if ws else _bank_class(c, names) for c in args.classes]
+    classes = [ws.data.class_index(c) for c in args.classes] if ws else class_ids(args.classes, bank_class_names(bank))
     vector, metrics = compose_vector(bank, classes, args.mode, args.out, ws=ws, config=vector_config(args))
     coefficients = vector.forget["composed"]["coefficients"]
     print(f"composed vector {vector.vector_id} ({args.mode}) for classes {classes}; coefficients {coefficients}")
@@ -113,15 +116,6 @@ def cmd_compose(args: argparse.Namespace) -> int:
         )
     print(f"wrote {args.out}")
     return 0
-
-
-def _bank_class(value: str, names: list[str]) -> int:
-    if value.isdigit():
-        return int(value)
-    lowered = [n.lower() for n in names]
-    if value.lower() not in lowered:
-        raise InvalidInputError(f"unknown class {value!r}; the bank's classes are {', '.join(names) or 'numbered'}")
-    return lowered.index(value.lower())
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -167,7 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-augment", action="store_true", help="train without flips (memorises faster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0, help="seed of the validation hold-out")
-    p.add_argument("--val-size", type=int, default=SplitSpec.val_size, help="images held out from training")
+    p.add_argument("--val-size", type=int, default=DEFAULT_VAL_SIZE, help="images held out from training")
     p.add_argument("--train-size", type=int, help="train on a seeded subset of this many images")
     g = p.add_argument_group("Retrain reference: train without a forget set")
     g.add_argument("--exclude-class", nargs="+", metavar="CLASS")

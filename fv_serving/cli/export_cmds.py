@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from fv_serving.errors import DataNotFoundError, InvalidInputError
 
 
@@ -104,24 +102,11 @@ def cmd_fused(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bank_classes(values: list[str], names: list[str]) -> list[int]:
-    lowered = [n.lower() for n in names]
-    out = []
-    for v in values:
-        if v.strip().lstrip("-").isdigit():
-            out.append(int(v))
-        elif v.lower() in lowered:
-            out.append(lowered.index(v.lower()))
-        else:
-            raise InvalidInputError(f"unknown class {v!r}; the bank's classes are {', '.join(names) or 'numbered'}")
-    return out
-
-
 def cmd_forget(args: argparse.Namespace) -> int:
-    from fv_serving.arithmetic import zero_shot_weights
+    from fv_serving.arithmetic import bank_class_names, class_ids, vector_from_bank, zero_shot_vector
     from fv_serving.fingerprint import probe_batch
     from fv_serving.onnx.export import GraphSummary
-    from fv_serving.onnx.fuse import forget_step_graph, vector_from_bank
+    from fv_serving.onnx.fuse import forget_step_graph
     from fv_serving.onnx.graph import load_model, save_model
     from fv_serving.onnx.runtime import check_vector_matches, verify_forget_step
     from fv_serving.vectors import ForgetVector, load_bank, load_vector
@@ -135,12 +120,11 @@ def cmd_forget(args: argparse.Namespace) -> int:
         if (args.classes is None) == (args.coefficients is None):
             raise InvalidInputError("with --bank give either --classes (zero-shot sum/mean) or --coefficients")
         if args.coefficients is not None:
-            weights, mode = np.asarray(args.coefficients, np.float32), "coefficients"
+            vector = vector_from_bank(bank, args.coefficients, "coefficients")
         else:
-            chosen = _bank_classes(args.classes, list(bank.notes.get("class_names") or []))
-            weights, mode = zero_shot_weights(bank.classes, chosen, args.mode).numpy(), args.mode
-        vector = vector_from_bank(bank, weights, mode)
-        what = f"composed vector {vector.vector_id} ({mode}, coefficients {[round(float(w), 4) for w in weights]})"
+            vector = zero_shot_vector(bank, class_ids(args.classes, bank_class_names(bank)), args.mode)
+        composed = vector.forget["composed"]
+        what = f"composed vector {vector.vector_id} ({composed['mode']}, coefficients {composed['coefficients']})"
     else:
         if args.shape is None:
             raise InvalidInputError("--off needs --shape C H W")

@@ -6,11 +6,11 @@
     runtime.py  onnxruntime sessions (cpu/cuda), classifier check, parity checks
 
 A user with their own ONNX classifier and a vector file needs only graph.py, fuse.py
-and runtime.py; PyTorch is used only to export and as the reference definition.
+and runtime.py, which this package re-exports and which do not import PyTorch;
+`fv_serving.onnx.export` (PyTorch -> ONNX) is imported explicitly by those who export.
 """
 
-from fv_serving.onnx.export import GraphSummary, classifier_to_onnx, export_classifier
-from fv_serving.onnx.fuse import forget_step_graph, fuse_vector, vector_from_bank
+from fv_serving.onnx.fuse import forget_step_graph, fuse_vector
 from fv_serving.onnx.graph import (
     DEFAULT_OPSET,
     ImageInput,
@@ -33,13 +33,10 @@ from fv_serving.onnx.runtime import (
 
 __all__ = [
     "DEFAULT_OPSET",
-    "GraphSummary",
     "ImageInput",
     "TensorInfo",
     "check_model",
     "check_vector_matches",
-    "classifier_to_onnx",
-    "export_classifier",
     "find_image_input",
     "forget_step_graph",
     "fuse_vector",
@@ -50,7 +47,6 @@ __all__ = [
     "metadata",
     "providers_for",
     "save_model",
-    "vector_from_bank",
     "verify_forget_step",
     "verify_fused",
 ]

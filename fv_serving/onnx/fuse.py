@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fv_serving.arithmetic import combine
+from fv_serving.arithmetic import vector_from_bank
 from fv_serving.errors import InvalidInputError, ModelMismatchError, OnnxGraphError
 from fv_serving.onnx.graph import (
     DEFAULT_OPSET,
@@ -273,24 +273,6 @@ def _merge(
 # -- forget step alone ------------------------------------------------------------------------------------
 
 
-def vector_from_bank(
-    bank: VectorBank, weights: Sequence[float] | np.ndarray, mode: str = "coefficients"
-) -> ForgetVector:
-    """The composed vector sum_k w_k delta_k, carrying the bank's fingerprint, clamp and the coefficients."""
-    w = np.asarray(weights, dtype=np.float32).ravel()
-    if not np.all(np.isfinite(w)):
-        raise InvalidInputError(f"coefficients must be finite, got {list(w)}")
-    return ForgetVector(
-        classifier=bank.classifier,
-        clamp=bank.clamp,
-        delta=combine(bank.vectors, w),
-        forget={
-            "composed": {"mode": mode, "bank_classes": bank.classes, "coefficients": [round(float(x), 6) for x in w]}
-        },
-        notes=bank.notes,
-    )
-
-
 def forget_step_graph(
     source: ForgetVector | BankSource | None,
     shape: tuple[int, int, int] | None = None,
@@ -317,7 +299,7 @@ def forget_step_graph(
         vector: ForgetVector | None = None
         chw = tuple(int(s) for s in shape)
     else:
-        vector = source if isinstance(source, ForgetVector) else vector_from_bank(*source)
+        vector = source if isinstance(source, ForgetVector) else vector_from_bank(*source, "coefficients")
         _require_finite(vector)
         chw = vector.delta.shape
         if shape is not None and tuple(shape) != chw:

@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import onnx
 
-from fv_serving.arithmetic import ZERO_SHOT_RULES, zero_shot_weights
+from fv_serving.arithmetic import ZERO_SHOT_RULES, bank_class_names, class_ids, vector_from_bank, zero_shot_vector
 from fv_serving.atomic import write_json_atomic
 from fv_serving.errors import DataNotFoundError, FileFormatError, InvalidInputError, ModelMismatchError
 from fv_serving.fingerprint import probe_batch
-from fv_serving.onnx.fuse import OFF_ID, forget_step_graph, fuse_vector, vector_from_bank
+from fv_serving.onnx.fuse import OFF_ID, forget_step_graph, fuse_vector
 from fv_serving.onnx.graph import META_PREFIX, find_image_input, load_model, metadata
 from fv_serving.onnx.runtime import check_vector_matches, verify_forget_step, verify_fused
 from fv_serving.triton.model_config import Device, Runtime
@@ -98,22 +98,6 @@ class VectorChoice:
         return out
 
 
-def resolve_classes(values: Sequence[str], class_names: Sequence[str]) -> list[int]:
-    """Class ids from indices ("2") or names ("Pullover", case-insensitive), with a clear error."""
-    lowered = [n.lower() for n in class_names]
-    out = []
-    for value in values:
-        text = str(value).strip()
-        if text.lstrip("-").isdigit():
-            out.append(int(text))
-        elif text.lower() in lowered:
-            out.append(lowered.index(text.lower()))
-        else:
-            known = ", ".join(class_names) if class_names else "numbered only (no names recorded)"
-            raise InvalidInputError(f"unknown class {value!r}; the classes are {known}")
-    return out
-
-
 def resolve_vector(choice: VectorChoice, class_names: Sequence[str] = ()) -> ForgetVector | None:
     """Load the chosen vector (None for off); a bank composition becomes one vector here."""
     if choice.off:
@@ -123,13 +107,9 @@ def resolve_vector(choice: VectorChoice, class_names: Sequence[str] = ()) -> For
     assert choice.bank is not None
     bank = load_bank(choice.bank)
     if choice.coefficients is not None:
-        return vector_from_bank(bank, np.asarray(choice.coefficients, np.float32), "coefficients")
-    names = list(bank.notes.get("class_names") or class_names)
-    chosen = resolve_classes(choice.classes, names)
-    weights = zero_shot_weights(bank.classes, chosen, choice.mode).numpy()
-    vector = vector_from_bank(bank, weights, choice.mode)
-    vector.forget = {"kind": "class", "classes": chosen, **vector.forget}
-    return vector
+        return vector_from_bank(bank, choice.coefficients, "coefficients")
+    chosen = class_ids(choice.classes, bank_class_names(bank) or class_names)
+    return zero_shot_vector(bank, chosen, choice.mode)
 
 
 # -- the forget step ----------------------------------------------------------------------------------

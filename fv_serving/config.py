@@ -1,0 +1,69 @@
+"""Plain settings shared by the library and the CLI, kept free of heavy imports.
+
+The command line builds its parser (and `fv --help`) from these defaults without
+importing torch, so operator commands (`fv status`, `fv switch`...) start quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
+ARCHITECTURES = ("small-cnn", "resnet18")
+Clamp = tuple[float, float] | None
+DEFAULT_VAL_SIZE = 5000  # training images held out from every model, for stopping rules and choices
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1  # peak of the one-cycle schedule
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    augment: bool = True
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class VectorConfig:
+    """Objective, optimiser and stopping rule. Defaults follow the authors' code (method.md sec. 2)."""
+
+    beta: float = 5.0  # forget-term weight (authors: 3-10 per class)
+    alpha: float = 1.0  # retain-term weight
+    tau: float = 1.0  # margin floor of the forget term
+    lam: float = 1.0  # regulariser weight (||delta||_2 / B, or ||w||_2 for combinations)
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    gamma: float = 0.9  # ExponentialLR, stepped once per epoch
+    batch_size: int = 256
+    max_epochs: int = 10
+    augment: bool = True
+    clamp: Clamp = None  # None for parity with the authors; (0, 1) keeps inputs valid images
+    stopping: bool = True  # False: run all epochs and keep the last delta (the authors' protocol)
+    checks_per_epoch: int = 2
+    forget_target: float = 0.5  # "erase": forget accuracy (percent) to reach
+    match_tolerance: float = 1.0  # "match": allowed |forget acc - hold-out acc| (points)
+    retain_margin: float = 2.0  # allowed hold-out accuracy drop (points) vs the original model
+    monitor_size: int = 2000  # forget samples checked by the stopping rule
+    seed: int = 0
+
+    @classmethod
+    def parity(cls, beta: float = 5.0) -> VectorConfig:
+        """The authors' released setting: ~200 epochs, no stopping rule, no clamp."""
+        return cls(beta=beta, max_epochs=200, stopping=False)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["clamp"] = list(self.clamp) if self.clamp else None
+        return out
+
+
+def with_overrides(config: VectorConfig, **overrides: Any) -> VectorConfig:
+    """A copy of `config` with the given (non-None) fields replaced."""
+    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
