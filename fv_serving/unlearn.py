@@ -181,10 +181,21 @@ def learn_perturbation(
 
     checks: list[Check] = []
     states: list[dict[str, torch.Tensor]] = []
+
+    def record(epoch: float) -> bool:
+        """Evaluate the rule on the current perturbation, keep a copy of it; True when the rule holds."""
+        forget_acc, holdout_acc = measure()
+        distance = _rule_distance(goal, forget_acc, holdout_acc, holdout0, config)
+        checks.append(Check(round(epoch, 3), forget_acc, holdout_acc, distance == 0, distance))
+        states.append(copy.deepcopy(perturbation.state_dict()))
+        return distance == 0
+
     start = time.perf_counter()
-    stop = False
+    # The starting point is a candidate too: no perturbation for a new vector (nothing may
+    # beat doing nothing, e.g. for random subsets), the zero-shot weights for a combination.
+    stop = record(0.0) and config.stopping
     bar = tqdm(total=steps * config.max_epochs, desc=desc, leave=False, mininterval=1.0)
-    for epoch in range(config.max_epochs):
+    for epoch in range(0 if stop else config.max_epochs):
         batches = iterate_batches(
             data.train,
             union,
@@ -204,22 +215,21 @@ def learn_perturbation(
             optimizer.step()
             bar.update(1)
             if step in check_at:
-                forget_acc, holdout_acc = measure()
-                distance = _rule_distance(goal, forget_acc, holdout_acc, holdout0, config)
-                checks.append(Check(round(epoch + step / steps, 3), forget_acc, holdout_acc, distance == 0, distance))
-                states.append(copy.deepcopy(perturbation.state_dict()))
-                bar.set_postfix(loss=f"{loss.item():.3f}", forget=f"{forget_acc:.1f}", holdout=f"{holdout_acc:.1f}")
-                if config.stopping and distance == 0:
+                met = record(epoch + step / steps)
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}",
+                    forget=f"{checks[-1].forget_acc:.1f}",
+                    holdout=f"{checks[-1].holdout_acc:.1f}",
+                )
+                if config.stopping and met:
                     stop = True
                     break
         scheduler.step()
         if stop:
             break
     bar.close()
-    if not checks:
-        raise ValueError("no stopping-rule check ran: empty training set?")
-    # Met: the first check that meets the rule. Else the closest one (later wins ties).
-    # Without a stopping rule (parity): the last one.
+    # Met: the first check that meets the rule. Else the closest one (later wins ties),
+    # which may be the starting point. Without a stopping rule (parity): the last one.
     closest = min(range(len(checks)), key=lambda i: (checks[i].distance, -i))
     pick = closest if config.stopping else len(checks) - 1
     perturbation.load_state_dict(states[pick])

@@ -32,7 +32,8 @@ from fv_serving.onnx import (
     providers_for,
     save_model,
 )
-from fv_serving.onnx.export import GraphSummary, classifier_to_onnx, export_classifier
+from fv_serving.onnx.export import classifier_to_onnx, export_classifier
+from fv_serving.onnx.graph import GraphSummary
 from fv_serving.perturbation import apply_delta
 from fv_serving.pipeline import Workspace
 from fv_serving.vectors import ForgetVector, VectorBank, save_bank

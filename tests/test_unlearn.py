@@ -42,10 +42,12 @@ def test_stopping_rule_uses_holdout_and_reports(tiny_workspace: Workspace) -> No
     split = tiny_workspace.forget_split(ForgetSpec(classes=(FORGET_CLASS,)))
     unreachable = VectorConfig(max_epochs=1, checks_per_epoch=2, forget_target=-1.0, monitor_size=300)
     result = learn_forget_vector(tiny_workspace.model, tiny_workspace.data, split, unreachable)
-    assert not result.chosen.rule_met and len(result.checks) == 2
+    assert not result.chosen.rule_met and len(result.checks) == 3  # the starting point + 2 checks
     assert result.chosen.distance == min(c.distance for c in result.checks)
     holdout = predict(tiny_workspace.model, tiny_workspace.data.train, split.val).accuracy
     assert result.holdout_acc_original == holdout
+    start = result.checks[0]  # delta = 0 is a candidate: nothing chosen may be worse than doing nothing
+    assert start.epoch == 0 and start.holdout_acc == holdout
 
 
 def test_random_forgetting_goal_is_matching(tiny_workspace: Workspace) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +20,7 @@ from fv_serving.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from fv_serving.data import ForgetSpec
-from fv_serving.config import ARCHITECTURES, DATASETS, DEFAULT_VAL_SIZE, TrainConfig
+from fv_serving.config import ARCHITECTURES, COMBINATION_LR, DATASETS, DEFAULT_VAL_SIZE, TrainConfig
 
 METRIC_COLUMNS = ("UA", "RA", "TA", "MIA")
 
@@ -80,6 +81,12 @@ def cmd_learn(args: argparse.Namespace) -> int:
         f"(epoch {stop['chosen_epoch']}, stopping rule {'met' if stop['rule_met'] else 'NOT met'}), "
         f"||delta||_2 = {vector.l2_norm:.3f}"
     )
+    if stop["chosen_epoch"] == 0:
+        print(
+            "warning: no point of the run came closer to the stopping rule than the unperturbed model, "
+            "so the vector is zero (for random subsets a universal vector cannot make them look unseen "
+            "without moving every input; see README, Results)"
+        )
     if "UA" in metrics:
         print_table({"forget vector": metrics}, METRIC_COLUMNS)
     print(f"wrote {args.out}")
@@ -106,7 +113,10 @@ def cmd_compose(args: argparse.Namespace) -> int:
     bank = load_bank(args.bank)
     ws = open_workspace(args.classifier, args.data_root, args.device) if args.classifier else None
     classes = [ws.data.class_index(c) for c in args.classes] if ws else class_ids(args.classes, bank_class_names(bank))
-    vector, metrics = compose_vector(bank, classes, args.mode, args.out, ws=ws, config=vector_config(args))
+    config = vector_config(args)
+    if args.lr is None:  # coefficients need a smaller step than vectors (see config.COMBINATION_LR)
+        config = replace(config, lr=COMBINATION_LR)
+    vector, metrics = compose_vector(bank, classes, args.mode, args.out, ws=ws, config=config)
     coefficients = vector.forget["composed"]["coefficients"]
     print(f"composed vector {vector.vector_id} ({args.mode}) for classes {classes}; coefficients {coefficients}")
     if "UA" in metrics:

@@ -56,9 +56,8 @@ def _normalized_input(args: argparse.Namespace) -> tuple[list[float], list[float
 
 def cmd_fused(args: argparse.Namespace) -> int:
     from fv_serving.fingerprint import probe_batch
-    from fv_serving.onnx.export import GraphSummary
     from fv_serving.onnx.fuse import fuse_vector
-    from fv_serving.onnx.graph import find_image_input, graph_inputs, load_model, save_model
+    from fv_serving.onnx.graph import GraphSummary, find_image_input, graph_inputs, load_model, save_model
     from fv_serving.onnx.runtime import verify_fused
     from fv_serving.vectors import load_vector
 
@@ -105,9 +104,8 @@ def cmd_fused(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     from fv_serving.arithmetic import bank_class_names, class_ids, vector_from_bank, zero_shot_vector
     from fv_serving.fingerprint import probe_batch
-    from fv_serving.onnx.export import GraphSummary
     from fv_serving.onnx.fuse import forget_step_graph
-    from fv_serving.onnx.graph import load_model, save_model
+    from fv_serving.onnx.graph import GraphSummary, load_model, save_model
     from fv_serving.onnx.runtime import check_vector_matches, verify_forget_step
     from fv_serving.vectors import ForgetVector, load_bank, load_vector
 
@@ -155,7 +153,7 @@ def _add_provider(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from fv_serving.cli.common import OneLineErrorParser
-    from fv_serving.onnx.export import EXPORTERS
+    from fv_serving.config import EXPORTERS
     from fv_serving.onnx.graph import DEFAULT_OPSET
 
     export = sub.add_parser("export", help="ONNX: export the classifier, fuse a vector, build a forget step")

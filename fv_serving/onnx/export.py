@@ -23,83 +23,32 @@ import copy
 import io
 import json
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import torch
 
+from fv_serving.config import EXPORTERS
 from fv_serving.errors import InvalidInputError, OnnxGraphError
 from fv_serving.fingerprint import probe_batch, weights_digest
 from fv_serving.models import Classifier
 from fv_serving.onnx.graph import (
     DEFAULT_OPSET,
     META_PREFIX,
-    TensorInfo,
-    default_opset,
+    GraphSummary,
     find_image_input,
     graph_inputs,
-    graph_outputs,
-    metadata,
     save_model,
     with_metadata,
 )
 from fv_serving.onnx.runtime import make_session, require_close, run_image_graph
 
-EXPORTERS = ("dynamo", "legacy")
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
 #: ONNX Runtime vs PyTorch on CPU agree to ~2e-6 on this project's models; 1e-4 flags real errors.
 PARITY_ATOL = 1e-4
-
-
-@dataclass(frozen=True)
-class GraphSummary:
-    """What a written graph looks like and what was verified about it (printed by the CLI)."""
-
-    path: Path | None
-    inputs: tuple[TensorInfo, ...]
-    outputs: tuple[TensorInfo, ...]
-    opset: int
-    ir_version: int
-    size_bytes: int
-    verified: tuple[str, ...] = ()
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def of(cls, model: onnx.ModelProto, path: Path | None, verified: list[str]) -> GraphSummary:
-        return cls(
-            path=path,
-            inputs=graph_inputs(model),
-            outputs=graph_outputs(model),
-            opset=default_opset(model),
-            ir_version=int(model.ir_version),
-            size_bytes=path.stat().st_size if path is not None else model.ByteSize(),
-            verified=tuple(verified),
-            metadata=metadata(model),
-        )
-
-    def lines(self) -> list[str]:
-        size = f"{self.size_bytes / 1e6:.2f} MB" if self.size_bytes >= 1e5 else f"{self.size_bytes / 1e3:.1f} kB"
-        out = [f"wrote {self.path} ({size}, opset {self.opset}, IR {self.ir_version})"]
-        out += [f"  input  {i.describe()}" for i in self.inputs]
-        out += [f"  output {o.describe()}" for o in self.outputs]
-        out += [f"  verified: {v}" for v in self.verified]
-        return out
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": str(self.path) if self.path else None,
-            "inputs": [i.to_json() for i in self.inputs],
-            "outputs": [o.to_json() for o in self.outputs],
-            "opset": self.opset,
-            "ir_version": self.ir_version,
-            "size_bytes": self.size_bytes,
-            "verified": list(self.verified),
-        }
 
 
 def _export_dynamo(model: Classifier, example: torch.Tensor, opset: int) -> onnx.ModelProto:

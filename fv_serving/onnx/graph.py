@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -199,3 +199,49 @@ def save_model(model: onnx.ModelProto, path: str | Path, what: str = "ONNX graph
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp), save_as_external_data=False)
     return Path(path)
+
+
+@dataclass(frozen=True)
+class GraphSummary:
+    """What a written graph looks like and what was verified about it (printed by the CLI)."""
+
+    path: Path | None
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    opset: int
+    ir_version: int
+    size_bytes: int
+    verified: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, path: Path | None, verified: list[str]) -> GraphSummary:
+        return cls(
+            path=path,
+            inputs=graph_inputs(model),
+            outputs=graph_outputs(model),
+            opset=default_opset(model),
+            ir_version=int(model.ir_version),
+            size_bytes=path.stat().st_size if path is not None else model.ByteSize(),
+            verified=tuple(verified),
+            metadata=metadata(model),
+        )
+
+    def lines(self) -> list[str]:
+        size = f"{self.size_bytes / 1e6:.2f} MB" if self.size_bytes >= 1e5 else f"{self.size_bytes / 1e3:.1f} kB"
+        out = [f"wrote {self.path} ({size}, opset {self.opset}, IR {self.ir_version})"]
+        out += [f"  input  {i.describe()}" for i in self.inputs]
+        out += [f"  output {o.describe()}" for o in self.outputs]
+        out += [f"  verified: {v}" for v in self.verified]
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path) if self.path else None,
+            "inputs": [i.to_json() for i in self.inputs],
+            "outputs": [o.to_json() for o in self.outputs],
+            "opset": self.opset,
+            "ir_version": self.ir_version,
+            "size_bytes": self.size_bytes,
+            "verified": list(self.verified),
+        }
