@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import onnxruntime as ort
 import torch
 
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
+from fv_serving.bench.machine import load_average, machine_info
 from fv_serving.data import SplitSpec, load_dataset, to_numpy_images
 from fv_serving.fingerprint import ClassifierFingerprint
 from fv_serving.models import load_classifier
@@ -45,16 +45,6 @@ from fv_serving.vectors import ForgetVector, load_vector
 
 TARGET_RATIO = 1.03
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _classifier(args: argparse.Namespace, workdir: Path) -> Path:
@@ -168,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -201,14 +191,11 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "machine": {
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
+            **machine_info(),
             "onnxruntime": ort.__version__,
             "torch": torch.__version__,
             "loadavg_start": load_start,
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "loadavg_end": load_average(),
         },
         "provider": args.provider,
         "threads": args.threads or None,

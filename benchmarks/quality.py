@@ -15,7 +15,6 @@ Writes benchmarks/results/quality/{quality.json, quality.md} and PNGs.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
+from fv_serving.bench.machine import load_average, machine_info
 from fv_serving.data import ForgetSpec, SplitSpec
 from fv_serving.metrics import evaluate_unlearning
 from fv_serving.models import PerturbedClassifier
@@ -117,11 +117,19 @@ def random_forgetting(out: Path, train_size: int, epochs: int, percent: float, s
     }
 
 
+def _machine_text(m: dict[str, Any]) -> str:
+    return (
+        f"{m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch_threads']} thread(s)), {m['platform']}, "
+        f"load average at start {m['load_average_at_start']}"
+    )
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Forget-vector quality on Fashion-MNIST ({result['date']})",
         "",
-        f"Machine: {result['machine']}. Command: `{result['command']}`. Wall time {result['seconds']:.0f} s.",
+        f"Machine: {_machine_text(result['machine'])}.",
+        f"Command: `{result['command']}`. Wall time {result['seconds']:.0f} s.",
         "",
         "## Class-wise forgetting (original -> forget vector)",
         "",
@@ -189,7 +197,11 @@ def main() -> int:
     ws = open_workspace(classifier)
     result: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
+        "machine": {
+            **machine_info(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_at_start": load_average(),
+        },
         "command": "python " + " ".join(sys.argv),
         "classifier": ws.loaded.info["accuracy"],
         "class_wise": class_wise(ws, work, args.classes, args.compose),

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
+from fv_serving.bench.machine import load_average, machine_info
 from fv_serving.data import SplitSpec, load_dataset, to_numpy_images
 from fv_serving.fingerprint import ClassifierFingerprint
 from fv_serving.models import load_classifier
@@ -219,16 +219,6 @@ def measure_switches(
 # -- report -------------------------------------------------------------------------------------------
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -293,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    load_start = load_average()
 
     with tempfile.TemporaryDirectory(prefix="fv-bench-serving-") as tmp:
         workdir = Path(tmp)
@@ -323,11 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "machine": {
-            "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "platform": platform.platform(),
+            **machine_info(),
             "loadavg_start": load_start,
-            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "loadavg_end": load_average(),
         },
         "server": (
             f"tritonserver bundled in nvidia-pytriton {version('nvidia-pytriton')}, runtime python (ORT runner, "

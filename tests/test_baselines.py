@@ -7,7 +7,6 @@ bit-identical, SalUn's mask is a hard limit, GA/RL really move forget prediction
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -30,15 +29,6 @@ from fv_serving.metrics import predict
 from fv_serving.pipeline import Workspace
 
 FORGET = 1  # Trouser: learned well by the tiny fixture model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, two made these small runs ~10x slower (OpenMP barriers)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def small_split(ws: Workspace, classes: tuple[int, ...] = (FORGET,), n_forget: int = 200) -> ForgetSplit:

@@ -32,8 +32,6 @@ class need not suit another).
 from __future__ import annotations
 
 import datetime as dt
-import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -56,6 +54,7 @@ from fv_serving.baselines import (
     unlearn_model,
 )
 from fv_serving.bench.config import BenchConfig
+from fv_serving.bench.machine import load_average, machine_info
 from fv_serving.data import (
     Dataset,
     ForgetSpec,
@@ -122,19 +121,16 @@ def bench_tasks(config: BenchConfig) -> list[Task]:
     return tasks
 
 
-def machine_info(device: str) -> dict[str, Any]:
+def run_machine(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        **machine_info(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "device": device,
     }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
-    if hasattr(os, "getloadavg"):
-        info["load_average_at_start"] = [round(v, 2) for v in os.getloadavg()]
+    info["load_average_at_start"] = load_average()
     return info
 
 
@@ -425,7 +421,7 @@ def _run(config: BenchConfig, out_dir: str | Path, command: str) -> dict[str, An
         "meta": {
             "date": started.isoformat(timespec="seconds"),
             "command": command,
-            "machine": machine_info(device),
+            "machine": run_machine(device),
             "wall_seconds": round(time.perf_counter() - start, 1),
             "quick": config.quick,
         },
