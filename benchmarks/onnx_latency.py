@@ -34,13 +34,13 @@ import torch
 
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.bench.machine import load_average, machine_info
+from fv_serving.config import TrainConfig
 from fv_serving.data import SplitSpec, load_dataset, to_numpy_images
 from fv_serving.fingerprint import ClassifierFingerprint
 from fv_serving.models import load_classifier
 from fv_serving.onnx import fuse_vector, load_model, make_session
 from fv_serving.onnx.export import export_classifier
 from fv_serving.pipeline import train_model
-from fv_serving.train import TrainConfig
 from fv_serving.vectors import ForgetVector, load_vector
 
 TARGET_RATIO = 1.03

@@ -45,12 +45,12 @@ import torch
 
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.bench.machine import load_average, machine_info
+from fv_serving.config import TrainConfig
 from fv_serving.data import SplitSpec, load_dataset, to_numpy_images
 from fv_serving.fingerprint import ClassifierFingerprint
 from fv_serving.models import load_classifier
 from fv_serving.onnx.fuse import forget_step_graph
 from fv_serving.pipeline import train_model
-from fv_serving.train import TrainConfig
 from fv_serving.triton.client import TritonClient
 from fv_serving.triton.deploy import VectorChoice, build_deployment, deployed_classifier
 from fv_serving.triton.repository import CLASSIFIER_MODEL, ENSEMBLE_MODEL, FUSED_MODEL

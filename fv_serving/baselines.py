@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fv_serving.config import TrainConfig, VectorConfig
 from fv_serving.data import Augmentation, Dataset, ForgetSplit, iterate_batches
 from fv_serving.errors import InvalidInputError
 from fv_serving.metrics import predict
 from fv_serving.models import Classifier, freeze
-from fv_serving.train import BatchLoss, TrainConfig, sgd_epochs, train_classifier
+from fv_serving.train import BatchLoss, sgd_epochs, train_classifier
+from fv_serving.unlearn import GOALS, rule_distance
 
 METHODS = ("FT", "GA", "RL", "l1-sparse", "SalUn")
-GOALS = ("erase", "match")
 
 
 @dataclass(frozen=True)
@@ -399,19 +400,24 @@ class SelectionRule:
     """
 
     goal: str
-    forget_target: float = 0.5
-    match_tolerance: float = 1.0
-    retain_margin: float = 2.0
+    forget_target: float = VectorConfig.forget_target
+    match_tolerance: float = VectorConfig.match_tolerance
+    retain_margin: float = VectorConfig.retain_margin
 
     def __post_init__(self) -> None:
         if self.goal not in GOALS:
             raise InvalidInputError(f"selection goal must be one of {GOALS}, got {self.goal!r}")
 
     def distance(self, forget_acc: float, holdout_acc: float, holdout_original: float) -> float:
-        retain_miss = max(0.0, (holdout_original - self.retain_margin) - holdout_acc)
-        if self.goal == "erase":
-            return max(0.0, forget_acc - self.forget_target) + retain_miss
-        return max(0.0, abs(forget_acc - holdout_acc) - self.match_tolerance) + retain_miss
+        return rule_distance(
+            self.goal,
+            forget_acc,
+            holdout_acc,
+            holdout_original,
+            forget_target=self.forget_target,
+            match_tolerance=self.match_tolerance,
+            retain_margin=self.retain_margin,
+        )
 
     def describe(self) -> str:
         target = (

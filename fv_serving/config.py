@@ -54,7 +54,7 @@ class VectorConfig:
     checks_per_epoch: int = 2
     forget_target: float = 0.5  # "erase": forget accuracy (percent) to reach
     match_tolerance: float = 1.0  # "match": allowed |forget acc - hold-out acc| (points)
-    retain_margin: float = 2.0  # allowed hold-out accuracy drop (points) vs the original model
+    retain_margin: float = 1.0  # allowed hold-out accuracy drop (points) vs the original model (see README)
     monitor_size: int = 2000  # forget samples checked by the stopping rule
     seed: int = 0
 

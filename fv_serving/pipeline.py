@@ -18,7 +18,7 @@ import torch
 
 from fv_serving.arithmetic import vector_from_bank, zero_shot_vector, zero_shot_weights
 from fv_serving.atomic import write_json_atomic
-from fv_serving.config import COMBINATION_LR
+from fv_serving.config import COMBINATION_LR, TrainConfig, VectorConfig
 from fv_serving.data import (
     Dataset,
     ForgetSpec,
@@ -41,8 +41,8 @@ from fv_serving.models import (
     save_classifier,
 )
 from fv_serving.plots import plot_bank, plot_per_class, plot_vector
-from fv_serving.train import TrainConfig, train_classifier
-from fv_serving.unlearn import BankCombination, VectorConfig, learn_forget_vector, learn_perturbation
+from fv_serving.train import train_classifier
+from fv_serving.unlearn import BankCombination, learn_forget_vector, learn_perturbation
 from fv_serving.vectors import ForgetVector, VectorBank, load_bank, load_vector, save_bank, save_vector
 
 

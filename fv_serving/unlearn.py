@@ -129,12 +129,25 @@ class LearnResult:
         }
 
 
-def _rule_distance(goal: str, forget_acc: float, holdout_acc: float, holdout0: float, config: VectorConfig) -> float:
-    """0 when the stopping rule holds, else the number of points by which it is missed."""
-    retain_miss = max(0.0, (holdout0 - config.retain_margin) - holdout_acc)
+def rule_distance(
+    goal: str,
+    forget_acc: float,
+    holdout_acc: float,
+    holdout0: float,
+    *,
+    forget_target: float,
+    match_tolerance: float,
+    retain_margin: float,
+) -> float:
+    """0 when the stopping rule holds, else the number of points by which it is missed.
+
+    Shared by the forget vectors' stopping rule and the baselines' hyper-parameter
+    selection, so that both kinds of method are judged by one criterion.
+    """
+    retain_miss = max(0.0, (holdout0 - retain_margin) - holdout_acc)
     if goal == "erase":
-        return max(0.0, forget_acc - config.forget_target) + retain_miss
-    return max(0.0, abs(forget_acc - holdout_acc) - config.match_tolerance) + retain_miss
+        return max(0.0, forget_acc - forget_target) + retain_miss
+    return max(0.0, abs(forget_acc - holdout_acc) - match_tolerance) + retain_miss
 
 
 def learn_perturbation(
@@ -185,7 +198,15 @@ def learn_perturbation(
     def record(epoch: float) -> bool:
         """Evaluate the rule on the current perturbation, keep a copy of it; True when the rule holds."""
         forget_acc, holdout_acc = measure()
-        distance = _rule_distance(goal, forget_acc, holdout_acc, holdout0, config)
+        distance = rule_distance(
+            goal,
+            forget_acc,
+            holdout_acc,
+            holdout0,
+            forget_target=config.forget_target,
+            match_tolerance=config.match_tolerance,
+            retain_margin=config.retain_margin,
+        )
         checks.append(Check(round(epoch, 3), forget_acc, holdout_acc, distance == 0, distance))
         states.append(copy.deepcopy(perturbation.state_dict()))
         return distance == 0

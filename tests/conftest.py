@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fv_serving.config import TrainConfig, VectorConfig
 from fv_serving.data import Dataset, ForgetSpec, SplitSpec, load_dataset
 from fv_serving.pipeline import Workspace, learn_vector, open_workspace, train_model
-from fv_serving.train import TrainConfig
-from fv_serving.unlearn import VectorConfig
 from fv_serving.vectors import ForgetVector
 
 TINY_SPLIT = SplitSpec(seed=0, val_size=1000, train_size=4000)

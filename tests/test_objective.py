@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fv_serving.unlearn import BankCombination, DirectDelta, VectorConfig, forget_vector_loss
+from fv_serving.config import VectorConfig
+from fv_serving.unlearn import BankCombination, DirectDelta, forget_vector_loss
 
 
 def test_loss_matches_hand_computation() -> None:

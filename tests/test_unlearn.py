@@ -6,11 +6,12 @@ import numpy as np
 import torch
 from conftest import FORGET_CLASS, QUICK_VECTOR
 
+from fv_serving.config import VectorConfig
 from fv_serving.data import ForgetSpec
 from fv_serving.metrics import evaluate_unlearning, predict
 from fv_serving.models import PerturbedClassifier
 from fv_serving.pipeline import Workspace, compose_vector, learn_bank
-from fv_serving.unlearn import VectorConfig, learn_forget_vector
+from fv_serving.unlearn import learn_forget_vector
 from fv_serving.vectors import ForgetVector, load_vector
 
 
