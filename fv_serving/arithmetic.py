@@ -1,4 +1,4 @@
-"""Forget-vector arithmetic (method.md section 5): new vectors as combinations of a class bank.
+"""Forget-vector arithmetic (docs/method.md section 5): new vectors as combinations of a class bank.
 
 delta(w) = sum_k w_k delta_k. Zero-shot rules pick w without training (1 for each
 chosen class: "sum"; 1/m each: "mean"); learned coefficients start from the

@@ -1,4 +1,4 @@
-"""Model-based unlearning baselines (method.md section 7): what users would otherwise pick.
+"""Model-based unlearning baselines (docs/method.md section 7): what users would otherwise pick.
 
 Every method starts from a COPY of the same original weights and changes them with
 the one SGD loop of `train.sgd_epochs`. The methods differ only in three things,

@@ -36,7 +36,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class VectorConfig:
-    """Objective, optimiser and stopping rule. Defaults follow the authors' code (method.md sec. 2)."""
+    """Objective, optimiser and stopping rule. Defaults follow the authors' code (docs/method.md sec. 2)."""
 
     beta: float = 5.0  # forget-term weight (authors: 3-10 per class)
     alpha: float = 1.0  # retain-term weight

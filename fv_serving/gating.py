@@ -1,7 +1,7 @@
 """Gated forget vectors: add delta only to inputs the frozen model assigns to a forgotten class.
 
 The reviewers' main complaint about forget vectors is that a universal delta costs
-retain and test accuracy (method.md section 8): every input is perturbed, including
+retain and test accuracy (docs/method.md section 8): every input is perturbed, including
 the many that have nothing to do with the forgotten class. The gated mode keeps the
 learned delta but routes by the frozen model's own prediction:
 

@@ -3,7 +3,7 @@
 Every metric takes the *unlearned model* as a plain nn.Module, so a forget vector
 (`PerturbedClassifier`), a model-based baseline and the original model are measured
 by the same code. Confidence-based MIA is calibrated on the unlearned model's own
-outputs (for a vector: on perturbed inputs), per method.md section 4.
+outputs (for a vector: on perturbed inputs), per docs/method.md section 4.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Learning forget vectors (method.md section 2) and their bank combinations (section 5).
+"""Learning forget vectors (docs/method.md section 2) and their bank combinations (section 5).
 
 The frozen classifier f never changes. What is learned is a perturbation module
 whose output delta is added to every input:

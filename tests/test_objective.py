@@ -1,4 +1,4 @@
-"""The forget-vector objective against hand-computed values (method.md section 2)."""
+"""The forget-vector objective against hand-computed values (docs/method.md section 2)."""
 
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ on any nn.Module) and tuned by the same rule on the validation hold-out:
 
   1. An original classifier is trained on a seeded subset of the training set
      WITHOUT augmentation until it fits it (train accuracy near 100%). Random
-     forgetting only separates methods when the original memorised its data
-     (method.md section 9): otherwise Retrain ~= original and every method "wins".
+     forgetting only separates methods when the original memorised its data: on a
+     briefly trained model, Retrain ~= original (unseen and seen images get the
+     same accuracy) and every method "wins" by doing nothing.
   2. Tasks: class-wise forgetting of each class in `classes`; random forgetting of
      `percent`% of the training subset for each seed in `random_seeds`; one
      two-class task (`pair`) for forget-vector arithmetic.

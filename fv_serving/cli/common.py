@@ -36,7 +36,7 @@ def add_forget_target(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def add_vector_config(parser: argparse.ArgumentParser) -> None:
     d = VectorConfig()
-    g = parser.add_argument_group("objective and optimiser (method.md sec. 2; defaults = authors' values)")
+    g = parser.add_argument_group("objective and optimiser (docs/method.md sec. 2; defaults = authors' values)")
     g.add_argument(
         "--preset",
         choices=("default", "parity"),

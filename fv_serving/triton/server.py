@@ -3,8 +3,9 @@
 Which binary: a `tritonserver` on PATH (or /opt/tritonserver/bin) when there is one,
 which is what production hosts and NVIDIA's container have; otherwise the server
 bundled in the nvidia-pytriton wheel, copied once into a private cache folder and
-completed with the python-backend stub of the running Python (see
-shared/docs/serving.md for why each step is needed).
+completed with the python-backend stub of the running Python (the wheel ships the
+stubs beside the tree, not in it; `prepare_bundled_tritonserver` and `_bundled_install`
+say why each step is needed).
 
 What can go wrong and how it is guarded:
 - a model that never becomes ready (the stub hangs in "loading" if it cannot load
