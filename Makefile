@@ -1,7 +1,7 @@
 # Two commands on a fresh machine (both idempotent, both install what they need):
 #   make demo   set up, then run the main job (train, learn, evaluate, export, serve, switch)
 #   make test   set up, then run the test suite
-# Other targets: setup, data, lint, bench-onnx, bench-serving, bench-unlearning, clean.
+# Other targets: setup, data, lint, bench-quality, bench-onnx, bench-serving, bench-unlearning, clean.
 
 SHELL := /bin/bash
 PYTHON ?= python3

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.bench.machine import load_average, machine_info
-from fv_serving.config import TrainConfig, VectorConfig
+from fv_serving.config import COMBINATION_LR, TrainConfig, VectorConfig
 from fv_serving.data import ForgetSpec, SplitSpec
 from fv_serving.metrics import evaluate_unlearning
 from fv_serving.models import PerturbedClassifier
@@ -46,12 +47,14 @@ def _row(metrics: Any) -> dict[str, float]:
     return {k: round(float(metrics[k] if isinstance(metrics, dict) else getattr(metrics, k)), 2) for k in METRICS}
 
 
-def class_wise(ws: Workspace, out: Path, report_classes: list[int], compose: list[int]) -> dict[str, Any]:
+def class_wise(
+    ws: Workspace, out: Path, config: VectorConfig, report_classes: list[int], compose: list[int]
+) -> dict[str, Any]:
     start = time.perf_counter()
     # The bank holds the reported classes and the composition's (not all ten: each vector
     # takes minutes on 2 cores); learned coefficients may use every vector in it.
     bank_classes = sorted(set(report_classes) | set(compose))
-    bank = learn_bank(ws, VectorConfig(), out / "bank.safetensors", classes=bank_classes)
+    bank = learn_bank(ws, config, out / "bank.safetensors", classes=bank_classes)
     bank_seconds = time.perf_counter() - start
     bank_figure(bank, out / "bank.png")
     rows: dict[str, Any] = {}
@@ -73,7 +76,9 @@ def class_wise(ws: Workspace, out: Path, report_classes: list[int], compose: lis
     composed: dict[str, Any] = {}
     for mode in ("sum", "learned"):
         t0 = time.perf_counter()
-        vector, metrics = compose_vector(bank, compose, mode, out / f"compose_{mode}.safetensors", ws=ws)
+        vector, metrics = compose_vector(
+            bank, compose, mode, out / f"compose_{mode}.safetensors", ws=ws, config=replace(config, lr=COMBINATION_LR)
+        )
         composed[mode] = {
             **_row(metrics),
             "UA_per_class": {
@@ -90,7 +95,9 @@ def class_wise(ws: Workspace, out: Path, report_classes: list[int], compose: lis
     }
 
 
-def random_forgetting(out: Path, train_size: int, epochs: int, percent: float, seed: int) -> dict[str, Any]:
+def random_forgetting(
+    out: Path, vector_config: VectorConfig, train_size: int, epochs: int, percent: float, seed: int
+) -> dict[str, Any]:
     split = SplitSpec(seed=0, val_size=5000, train_size=train_size)
     config = TrainConfig(epochs=epochs, augment=False)
     forget = ForgetSpec(percent=percent, seed=seed)
@@ -98,7 +105,7 @@ def random_forgetting(out: Path, train_size: int, epochs: int, percent: float, s
     retrain = train_model("fashion-mnist", out / "retrain.safetensors", config=config, split=split, exclude=forget)
     ws = open_workspace(out / "memorised.safetensors")
     retrain_ws = open_workspace(out / "retrain.safetensors")
-    vector, _ = learn_vector(ws, forget, VectorConfig(), out / "random.safetensors", evaluate=False)
+    vector, _ = learn_vector(ws, forget, vector_config, out / "random.safetensors", evaluate=False)
     task = ws.forget_split(forget)
     rows = {
         "original": evaluate_unlearning(ws.model, ws.data, task)[0],
@@ -127,11 +134,13 @@ def _machine_text(m: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    margin = result.get("vector_config", VectorConfig().to_json())["retain_margin"]
     lines = [
         f"# Forget-vector quality on Fashion-MNIST ({result['date']})",
         "",
         f"Machine: {_machine_text(result['machine'])}.",
         f"Command: `{result['command']}`. Wall time {result['seconds']:.0f} s.",
+        f"Stopping rule: retain margin {margin} points.",
         "",
         "## Class-wise forgetting (original -> forget vector)",
         "",
@@ -188,6 +197,9 @@ def main() -> int:
     parser.add_argument("--random-train-size", type=int, default=10000)
     parser.add_argument("--random-epochs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--retain-margin", type=float, default=VectorConfig.retain_margin, help="stopping rule's hold-out margin"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out, work = Path(args.out_dir), Path(args.work_dir)
@@ -197,6 +209,7 @@ def main() -> int:
     if not args.classifier:
         train_model("fashion-mnist", classifier)
     ws = open_workspace(classifier)
+    config = VectorConfig(retain_margin=args.retain_margin)
     result: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {
@@ -206,8 +219,9 @@ def main() -> int:
         },
         "command": "python " + " ".join(sys.argv),
         "classifier": ws.loaded.info["accuracy"],
-        "class_wise": class_wise(ws, work, args.classes, args.compose),
-        "random": random_forgetting(work, args.random_train_size, args.random_epochs, 10.0, 0),
+        "vector_config": config.to_json(),
+        "class_wise": class_wise(ws, work, config, args.classes, args.compose),
+        "random": random_forgetting(work, config, args.random_train_size, args.random_epochs, 10.0, 0),
     }
     result["seconds"] = round(time.perf_counter() - start, 1)
     write_json_atomic(out / "quality.json", result)
