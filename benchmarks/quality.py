@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.bench.machine import load_average, machine_info
-from fv_serving.config import COMBINATION_LR, TrainConfig, VectorConfig
+from fv_serving.config import TrainConfig, VectorConfig, combination_config
 from fv_serving.data import ForgetSpec, SplitSpec
 from fv_serving.metrics import evaluate_unlearning
 from fv_serving.models import PerturbedClassifier
@@ -77,7 +76,7 @@ def class_wise(
     for mode in ("sum", "learned"):
         t0 = time.perf_counter()
         vector, metrics = compose_vector(
-            bank, compose, mode, out / f"compose_{mode}.safetensors", ws=ws, config=replace(config, lr=COMBINATION_LR)
+            bank, compose, mode, out / f"compose_{mode}.safetensors", ws=ws, config=combination_config(config)
         )
         composed[mode] = {
             **_row(metrics),

@@ -18,7 +18,7 @@ import torch
 
 from fv_serving.arithmetic import vector_from_bank, zero_shot_vector, zero_shot_weights
 from fv_serving.atomic import write_json_atomic
-from fv_serving.config import COMBINATION_LR, TrainConfig, VectorConfig
+from fv_serving.config import TrainConfig, VectorConfig, combination_config
 from fv_serving.data import (
     Dataset,
     ForgetSpec,
@@ -261,7 +261,7 @@ def compose_vector(
     if mode == "learned":
         if ws is None or split is None:
             raise InvalidInputError("learned composition needs the classifier (--classifier)")
-        cfg = config or VectorConfig(lr=COMBINATION_LR)
+        cfg = config or combination_config(VectorConfig())
         init = torch.from_numpy(zero_shot_weights(bank.classes, classes, "sum"))
         result = learn_perturbation(
             ws.model,

@@ -56,6 +56,7 @@ from fv_serving.baselines import (
 )
 from fv_serving.bench.config import BenchConfig
 from fv_serving.bench.machine import load_average, machine_info
+from fv_serving.config import COMBINATION_LAM, COMBINATION_LR, combination_config
 from fv_serving.data import (
     Dataset,
     ForgetSpec,
@@ -345,31 +346,26 @@ def _composition_rows(ctx: _Context, task: Task, split: ForgetSplit, add: Any) -
         coefficients=init.tolist(),
         note="no learning; the bank's class vectors were learned in the class-wise tasks",
     )
-    for lr in config.coefficient_lrs:
-        learned = learn_perturbation(
-            ctx.original,
-            ctx.data,
-            split,
-            BankCombination(bank, init),
-            replace(config.vector, lr=lr),
-            goal="erase",
-            device=device,
-            desc=f"coefficients (lr {lr:g})",
-        )
-        assert learned.weights is not None
-        add(
-            learned_name(lr),
-            PerturbedClassifier(ctx.original, torch.from_numpy(learned.delta).to(device), config.vector.clamp),
-            learned.seconds,
-            0,
-            bank_classes=bank_classes,
-            coefficients=[round(float(w), 4) for w in learned.weights],
-            **_vector_row(learned),
-        )
-
-
-def learned_name(lr: float) -> str:
-    return f"{COMPOSED_LEARNED} (lr {lr:g})"
+    learned = learn_perturbation(
+        ctx.original,
+        ctx.data,
+        split,
+        BankCombination(bank, init),
+        combination_config(config.vector),
+        goal="erase",
+        device=device,
+        desc="coefficients",
+    )
+    assert learned.weights is not None
+    add(
+        COMPOSED_LEARNED,
+        PerturbedClassifier(ctx.original, torch.from_numpy(learned.delta).to(device), config.vector.clamp),
+        learned.seconds,
+        0,
+        bank_classes=bank_classes,
+        coefficients=[round(float(w), 4) for w in learned.weights],
+        **_vector_row(learned),
+    )
 
 
 def _rows_per_task(config: BenchConfig, scenario: str) -> int:
@@ -378,7 +374,7 @@ def _rows_per_task(config: BenchConfig, scenario: str) -> int:
         return base + 4  # no-floor, gated, gated no-floor, masking
     if scenario == "random":
         return base + 1
-    return base + 3 + len(config.coefficient_lrs)  # gated, masking, composed sum, learned coefficients
+    return base + 4  # gated, masking, composed sum, learned coefficients
 
 
 def run_benchmark(config: BenchConfig, out_dir: str | Path, *, command: str = "") -> dict[str, Any]:
@@ -617,7 +613,8 @@ def _vector_recipe(vector: dict[str, Any]) -> str:
         f"beta {vector['beta']}, alpha {vector['alpha']}, tau {vector['tau']}, lambda {vector['lam']}, SGD lr "
         f"{vector['lr']} momentum {vector['momentum']}, ExponentialLR {vector['gamma']}, batch {vector['batch_size']}, "
         f"at most {vector['max_epochs']} epochs, {vector['checks_per_epoch']} stopping-rule checks per epoch; "
-        f"retain floor {vector['retain_margin']} points of validation accuracy ('no retain floor' rows: none)"
+        f"retain floor {vector['retain_margin']} points of validation accuracy ('no retain floor' rows: none); "
+        f"learned bank coefficients: lr {COMBINATION_LR}, lambda {COMBINATION_LAM} (on ||w||_2)"
     )
 
 
