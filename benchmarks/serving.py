@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     worst_switch = max(switches["idle"]["serving_s_max"], load["serving_s_max"])
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "machine": {
             **machine_info(),
             "loadavg_start": load_start,

@@ -9,6 +9,7 @@ hold-out sets from a few stored numbers.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,12 @@ def compose_vector(
     return vector, metrics
 
 
+def _forget_label(forget: ForgetSpec, class_names: Sequence[str]) -> str:
+    if forget.classes:
+        return " + ".join(class_names[c] for c in forget.classes)
+    return f"a random {forget.percent:g}% of the training set (seed {forget.seed})"
+
+
 def per_class_forget_ua(ws: Workspace, model: torch.nn.Module, split: ForgetSplit) -> dict[str, float]:
     """UA on each forgotten class's training images separately (a composed vector must forget every one)."""
     labels = ws.data.train.labels[split.forget]
@@ -359,7 +366,7 @@ def evaluate_vector(
                 per_class,
                 list(forget.classes),
                 out_dir / "per_class.png",
-                f"Test accuracy per class, forgetting {forget.to_json()}",
+                f"Test accuracy per class, forgetting {_forget_label(forget, ws.data.class_names)}",
             )
         )
     ]
