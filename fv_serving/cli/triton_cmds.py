@@ -147,9 +147,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"detached; stop it with: fv stop --run-dir {run_dir}")
         return 0
 
-    # Foreground: SIGTERM behaves like Ctrl-C, so both end in the same clean stop below.
+    # Foreground: SIGTERM and SIGINT both end in the same clean stop below. SIGINT is set
+    # explicitly because a process started in the background by a shell script inherits it
+    # ignored, and Python then never raises KeyboardInterrupt.
     server = TritonServer(repo, models, run_dir=run_dir, **options)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.start()
         write_json_atomic(state_file, server.state.to_json())
@@ -165,7 +167,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         state_file.unlink(missing_ok=True)
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         print("stopped", flush=True)
 
 
