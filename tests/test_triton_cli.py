@@ -33,7 +33,7 @@ from fv_serving.triton.repository import (
     FUSED_MODEL,
     list_forget_step_versions,
 )
-from fv_serving.triton.server import read_state, shm_regions, state_is_running
+from fv_serving.triton.server import read_state, shm_regions, state_is_running, stop_from_state
 from fv_serving.vectors import ForgetVector, save_vector
 
 FORGOTTEN = 1  # conftest.FORGET_CLASS: Trouser
@@ -275,6 +275,8 @@ def test_foreground_serve_stops_cleanly_on_signal(repo: Path, tmp_path: Path, si
     finally:
         if process.poll() is None:
             process.kill()
+            if (run_dir / "server.json").exists():  # the failed run's server would outlive the test
+                stop_from_state(run_dir)
     assert process.returncode == 0, rest
     assert "stopped" in rest
     assert not (run_dir / "server.json").exists()
