@@ -53,6 +53,7 @@ from fv_serving.triton.server import (
     SHM_STEM,
     TritonServer,
     cleanup_stale_shm,
+    group_members,
     read_state,
     shm_regions,
     state_is_running,
@@ -423,23 +424,8 @@ def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def assert_gone(pid: int, shm_prefix: str) -> None:
     """Neither the server nor any process of its group is alive, and its shm regions are gone."""
-    assert live_group_members(pid) == []
+    assert group_members(pid) == []  # zombies not counted: they only wait for a parent to reap them
     assert shm_regions(shm_prefix) == []
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """Processes of the group that are not zombies (a zombie only waits for its parent to reap it)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
 
 
 @requires_triton

@@ -555,7 +555,7 @@ def _terminate_group(pid: int, grace_s: float, child: subprocess.Popen[bytes] | 
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while _group_members(pid) and time.monotonic() < deadline:
+    while group_members(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -593,19 +593,19 @@ def _is_alive(pid: int) -> bool:
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except (FileNotFoundError, NotADirectoryError, ProcessLookupError, PermissionError):
         return ""
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live processes whose process group is `pgid`."""
+def group_members(pgid: int) -> list[int]:
+    """Live processes whose process group is `pgid` (zombies only wait to be reaped: not counted)."""
     members = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError, PermissionError):
             continue
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             members.append(int(entry.name))
