@@ -133,13 +133,12 @@ def _machine_text(m: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    margin = result.get("vector_config", VectorConfig().to_json())["retain_margin"]
     lines = [
         f"# Forget-vector quality on Fashion-MNIST ({result['date']})",
         "",
         f"Machine: {_machine_text(result['machine'])}.",
         f"Command: `{result['command']}`. Wall time {result['seconds']:.0f} s.",
-        f"Stopping rule: retain margin {margin} points.",
+        f"Stopping rule: retain margin {result['vector_config']['retain_margin']} points.",
         "",
         "## Class-wise forgetting (original -> forget vector)",
         "",

@@ -16,7 +16,8 @@ Clamp = tuple[float, float] | None
 # Learning bank coefficients departs from the vectors' settings in two places (docs/method.md sec. 5).
 # Learning rate: a coefficient scales a whole class vector (l2 norm ~5-15), so the vectors' own lr 0.2
 # moves delta far too fast: on Fashion-MNIST classes 1+2 the stopping rule's hold-out accuracy was
-# 66.4% at lr 0.2 and 80.7% at 0.01 (original 83.9%; fv bench unlearning).
+# 66.4% at lr 0.2, 70.2% at 0.05 and 80.7% at 0.01 (original 83.9%; a trial on the pair task of fv bench
+# unlearning, when it still ran one row per lr).
 COMBINATION_LR = 0.01
 # Regulariser: lam * ||w||_2 is not divided by the batch size (the authors' form), so with lam 1 it
 # outweighs the few not-yet-forgotten samples of a batch and shrinks w: composing Pullover + Sandal

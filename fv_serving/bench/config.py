@@ -61,11 +61,6 @@ class BenchConfig:
     baseline_batch_size: int = 128
     vector: VectorConfig = DEFAULT_VECTOR
     no_floor_margin: float = 100.0  # "no retain floor": a margin no accuracy drop can exceed
-    # Learning rates for the bank coefficients of the pair task, one row each. 0.2 is the
-    # vectors' own lr (what `fv compose --mode learned` uses by default). A coefficient
-    # scales a whole class vector (l2 norm ~5-15 here), so the same lr moves delta many
-    # times further; in a trial on classes 1+2 the stopping rule's validation accuracy
-    # was 66.4% at lr 0.2, 70.2% at 0.05 and 80.7% at 0.01 (original 83.9%).
     seed: int = 0  # baselines, MIA shadow sets
     tune_every_task: bool = True  # False: tune baselines on the first task of a kind, reuse the choice
     # Torch intra-op threads for the run (None: leave as is). 1 by default: on a shared

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,14 @@ from fv_serving.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from fv_serving.data import ForgetSpec
-from fv_serving.config import ARCHITECTURES, COMBINATION_LAM, COMBINATION_LR, DATASETS, DEFAULT_VAL_SIZE, TrainConfig
+from fv_serving.config import (
+    ARCHITECTURES,
+    DATASETS,
+    DEFAULT_VAL_SIZE,
+    TrainConfig,
+    combination_config,
+    with_overrides,
+)
 
 METRIC_COLUMNS = ("UA", "RA", "TA", "MIA")
 
@@ -113,12 +119,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     bank = load_bank(args.bank)
     ws = open_workspace(args.classifier, args.data_root, args.device) if args.classifier else None
     classes = [ws.data.class_index(c) for c in args.classes] if ws else class_ids(args.classes, bank_class_names(bank))
-    # Coefficients need a smaller step and regulariser than vectors (see config.COMBINATION_LR/LAM).
-    config = replace(
-        vector_config(args),
-        lr=COMBINATION_LR if args.lr is None else args.lr,
-        lam=COMBINATION_LAM if args.lam is None else args.lam,
-    )
+    # Coefficients need a smaller step and regulariser than vectors, unless the user sets them.
+    config = with_overrides(combination_config(vector_config(args)), lr=args.lr, lam=args.lam)
     vector, metrics = compose_vector(bank, classes, args.mode, args.out, ws=ws, config=config)
     coefficients = vector.forget["composed"]["coefficients"]
     print(f"composed vector {vector.vector_id} ({args.mode}) for classes {classes}; coefficients {coefficients}")
