@@ -18,8 +18,8 @@ Each run returns the unlearned model, its wall time and the number of weight
 entries that differ from the original, so a table can show what each method costs
 and how much of the model it touches. Hyper-parameters are chosen by
 `grid_search` on the validation hold-out (`split.val`) and the forget set itself,
-with the same stopping rule the forget vectors use (`SelectionRule`), never on the
-test set.
+with the same stopping rule the forget vectors use (`fv_serving.stopping`), never on
+the test set.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fv_serving.config import TrainConfig, VectorConfig
+from fv_serving.config import TrainConfig
 from fv_serving.data import Augmentation, Dataset, ForgetSplit, iterate_batches
 from fv_serving.errors import InvalidInputError
 from fv_serving.metrics import predict
 from fv_serving.models import Classifier, freeze
+from fv_serving.stopping import StoppingRule
 from fv_serving.train import BatchLoss, sgd_epochs, train_classifier
-from fv_serving.unlearn import GOALS, rule_distance
 
 METHODS = ("FT", "GA", "RL", "l1-sparse", "SalUn")
 
@@ -385,51 +385,11 @@ def retrain(
 # ------------------------------------------------------------------ choosing hyper-parameters
 
 
-@dataclass(frozen=True)
-class SelectionRule:
-    """How a setting is judged, on data a user has: the forget set and the validation hold-out.
-
-    The same rule as the forget vectors' stopping rule (unlearn.py), so both kinds of
-    method are tuned by one criterion:
-      * "erase" (class-wise): forget accuracy <= forget_target (percent);
-      * "match" (random subsets): |forget accuracy - hold-out accuracy| <= match_tolerance,
-        i.e. the forget set looks like unseen data, as it does for Retrain;
-    both with hold-out accuracy at most `retain_margin` points below the original's.
-    distance() is 0 when the rule holds, else the points by which it is missed.
-    Among settings that meet it, the highest hold-out accuracy wins, then the cheaper.
-    """
-
-    goal: str
-    forget_target: float = VectorConfig.forget_target
-    match_tolerance: float = VectorConfig.match_tolerance
-    retain_margin: float = VectorConfig.retain_margin
-
-    def __post_init__(self) -> None:
-        if self.goal not in GOALS:
-            raise InvalidInputError(f"selection goal must be one of {GOALS}, got {self.goal!r}")
-
-    def distance(self, forget_acc: float, holdout_acc: float, holdout_original: float) -> float:
-        return rule_distance(
-            self.goal,
-            forget_acc,
-            holdout_acc,
-            holdout_original,
-            forget_target=self.forget_target,
-            match_tolerance=self.match_tolerance,
-            retain_margin=self.retain_margin,
-        )
-
-    def describe(self) -> str:
-        target = (
-            f"forget-set accuracy <= {self.forget_target}%"
-            if self.goal == "erase"
-            else f"|forget-set accuracy - validation accuracy| <= {self.match_tolerance} points"
-        )
-        return (
-            f"{target} and validation accuracy >= original's - {self.retain_margin} points; among settings "
-            "meeting it the highest validation accuracy (then fewer epochs); if none meets it, the one missing "
-            "it by the fewest points"
-        )
+#: How the grid picks among settings, beyond the rule itself.
+SELECTION_NOTE = (
+    "; among settings meeting it the highest validation accuracy (then fewer epochs); if none meets it, "
+    "the one missing it by the fewest points"
+)
 
 
 @dataclass
@@ -451,12 +411,12 @@ class GridResult:
     chosen: BaselineConfig  # re-running it reproduces `best`
     points: list[GridPoint]
     seconds: float  # the whole search, checks included
-    rule: SelectionRule
+    rule: StoppingRule
 
     def describe(self) -> dict[str, Any]:
         return {
             "chosen": self.chosen.to_json(),
-            "rule": self.rule.describe(),
+            "rule": self.rule.describe() + SELECTION_NOTE,
             "points": [p.to_json() for p in self.points],
             "search_seconds": round(self.seconds, 2),
         }
@@ -475,7 +435,7 @@ def grid_search(
     base: BaselineConfig,
     lrs: tuple[float, ...],
     max_epochs: int,
-    rule: SelectionRule,
+    rule: StoppingRule,
     *,
     device: str = "cpu",
     monitor_size: int = 2000,

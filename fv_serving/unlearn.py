@@ -12,21 +12,14 @@ Both are trained by the same loop with the authors' objective,
 SGD with momentum and an exponential learning-rate decay per epoch, over shuffled
 batches that mix forget and retain samples in their natural proportion.
 
-Stopping rule (the authors chose epochs by looking at evaluation metrics; a
-product needs a rule): a few times per epoch, measure forget accuracy on a fixed
-subset of D_f and accuracy on the validation hold-out (never the test set).
-  * goal "erase" (class-wise): stop once forget accuracy <= `forget_target` and
-    hold-out accuracy has not dropped more than `retain_margin` points below the
-    original model's.
-  * goal "match" (random subsets): the forget set should look like unseen data, not
-    be misclassified: stop once |forget acc - hold-out acc| <= `match_tolerance`
-    with the same retain margin.
-If no check meets the rule, the check closest to it is returned and the result says so.
+A few times per epoch the stopping rule (`fv_serving.stopping`) is checked on a fixed
+subset of D_f and on the validation hold-out; the best check so far is the only state
+kept (memory does not grow with the number of checks). If no check meets the rule,
+the closest one is returned and the result says so.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +35,7 @@ from fv_serving.data import Dataset, ForgetSplit, default_augmentation, iterate_
 from fv_serving.metrics import predict
 from fv_serving.models import PerturbedClassifier
 from fv_serving.perturbation import apply_delta
-
-GOALS = ("erase", "match")
+from fv_serving.stopping import goal_for
 
 
 def forget_vector_loss(
@@ -129,27 +121,6 @@ class LearnResult:
         }
 
 
-def rule_distance(
-    goal: str,
-    forget_acc: float,
-    holdout_acc: float,
-    holdout0: float,
-    *,
-    forget_target: float,
-    match_tolerance: float,
-    retain_margin: float,
-) -> float:
-    """0 when the stopping rule holds, else the number of points by which it is missed.
-
-    Shared by the forget vectors' stopping rule and the baselines' hyper-parameter
-    selection, so that both kinds of method are judged by one criterion.
-    """
-    retain_miss = max(0.0, (holdout0 - retain_margin) - holdout_acc)
-    if goal == "erase":
-        return max(0.0, forget_acc - forget_target) + retain_miss
-    return max(0.0, abs(forget_acc - holdout_acc) - match_tolerance) + retain_miss
-
-
 def learn_perturbation(
     classifier: nn.Module,
     data: Dataset,
@@ -161,29 +132,23 @@ def learn_perturbation(
     device: str = "cpu",
     desc: str = "forget vector",
 ) -> LearnResult:
-    """Train `perturbation` against the frozen `classifier` for one forget/retain split."""
-    if goal not in GOALS:
-        raise ValueError(f"goal must be one of {GOALS}, got {goal!r}")
+    """Train `perturbation` against the frozen `classifier` for one forget/retain split.
+
+    Returned: the best check's perturbation. With the stopping rule that is the first
+    check meeting it, else the closest one (later wins ties), which may be the
+    unperturbed start; without it (the authors' protocol) the last one.
+    """
+    rule = config.rule(goal)
     torch.manual_seed(config.seed)
     classifier.eval()
     perturbation.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     union = torch.cat([split.forget, split.retain]).sort().values
-    is_forget_lookup = torch.zeros(len(data.train), dtype=torch.bool)
-    is_forget_lookup[split.forget] = True
+    is_forget = torch.zeros(len(data.train), dtype=torch.bool)
+    is_forget[split.forget] = True
     monitor = split.forget[torch.randperm(len(split.forget), generator=generator)[: config.monitor_size]]
-    holdout = split.val
-
-    def measure() -> tuple[float, float]:
-        with torch.no_grad():
-            g = PerturbedClassifier(classifier, perturbation(), config.clamp)
-            return (
-                predict(g, data.train, monitor, device=device).accuracy,
-                predict(g, data.train, holdout, device=device).accuracy,
-            )
-
     with torch.no_grad():
-        holdout0 = predict(classifier, data.train, holdout, device=device).accuracy
+        holdout0 = predict(classifier, data.train, split.val, device=device).accuracy
     optimizer = torch.optim.SGD(
         perturbation.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
@@ -191,32 +156,31 @@ def learn_perturbation(
     augmentation = default_augmentation(data) if config.augment else None
     steps = num_batches(len(union), config.batch_size)
     check_at = {round(steps * (i + 1) / config.checks_per_epoch) for i in range(config.checks_per_epoch)}
-
     checks: list[Check] = []
-    states: list[dict[str, torch.Tensor]] = []
+    best: tuple[Check, dict[str, torch.Tensor]] | None = None
 
-    def record(epoch: float) -> bool:
-        """Evaluate the rule on the current perturbation, keep a copy of it; True when the rule holds."""
-        forget_acc, holdout_acc = measure()
-        distance = rule_distance(
-            goal,
-            forget_acc,
-            holdout_acc,
-            holdout0,
-            forget_target=config.forget_target,
-            match_tolerance=config.match_tolerance,
-            retain_margin=config.retain_margin,
-        )
+    def check(epoch: float) -> bool:
+        """Measure the rule on the current perturbation; keep it if it is the best so far."""
+        nonlocal best
+        with torch.no_grad():
+            g = PerturbedClassifier(classifier, perturbation(), config.clamp)
+            forget_acc = predict(g, data.train, monitor, device=device).accuracy
+            holdout_acc = predict(g, data.train, split.val, device=device).accuracy
+        distance = rule.distance(forget_acc, holdout_acc, holdout0)
         checks.append(Check(round(epoch, 3), forget_acc, holdout_acc, distance == 0, distance))
-        states.append(copy.deepcopy(perturbation.state_dict()))
+        if best is None or not config.stopping or distance <= best[0].distance:
+            # Parameters only: a BankCombination's bank is a frozen buffer and never changes.
+            best = (checks[-1], {n: p.detach().clone() for n, p in perturbation.named_parameters()})
         return distance == 0
 
     start = time.perf_counter()
     # The starting point is a candidate too: no perturbation for a new vector (nothing may
     # beat doing nothing, e.g. for random subsets), the zero-shot weights for a combination.
-    stop = record(0.0) and config.stopping
+    stop = check(0.0) and config.stopping
     bar = tqdm(total=steps * config.max_epochs, desc=desc, leave=False, mininterval=1.0)
-    for epoch in range(0 if stop else config.max_epochs):
+    for epoch in range(config.max_epochs):
+        if stop:
+            break
         batches = iterate_batches(
             data.train,
             union,
@@ -227,50 +191,37 @@ def learn_perturbation(
             device=device,
         )
         for step, (x, y, idx) in enumerate(batches, start=1):
-            delta = perturbation()
-            logits = classifier(apply_delta(x, delta, config.clamp))
-            loss = forget_vector_loss(logits, y, is_forget_lookup[idx].to(device), config)
+            logits = classifier(apply_delta(x, perturbation(), config.clamp))
+            loss = forget_vector_loss(logits, y, is_forget[idx].to(device), config)
             loss = loss + config.lam * perturbation.regulariser(len(y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             bar.update(1)
             if step in check_at:
-                met = record(epoch + step / steps)
-                bar.set_postfix(
-                    loss=f"{loss.item():.3f}",
-                    forget=f"{checks[-1].forget_acc:.1f}",
-                    holdout=f"{checks[-1].holdout_acc:.1f}",
-                )
+                met = check(epoch + step / steps)
+                bar.set_postfix(loss=f"{loss.item():.3f}", forget=f"{checks[-1].forget_acc:.1f}")
                 if config.stopping and met:
                     stop = True
                     break
         scheduler.step()
-        if stop:
-            break
     bar.close()
-    # Met: the first check that meets the rule. Else the closest one (later wins ties),
-    # which may be the starting point. Without a stopping rule (parity): the last one.
-    closest = min(range(len(checks)), key=lambda i: (checks[i].distance, -i))
-    pick = closest if config.stopping else len(checks) - 1
-    perturbation.load_state_dict(states[pick])
+    assert best is not None  # the starting point is always checked
+    chosen, state = best
     with torch.no_grad():
+        for name, p in perturbation.named_parameters():
+            p.copy_(state[name])
         final = perturbation().detach().cpu()[0].numpy().astype(np.float32)
     weights = perturbation.weights.detach().cpu().numpy() if isinstance(perturbation, BankCombination) else None
     return LearnResult(
         delta=final,
         weights=weights,
         checks=checks,
-        chosen=checks[pick],
+        chosen=chosen,
         holdout_acc_original=holdout0,
         seconds=time.perf_counter() - start,
         epochs_run=checks[-1].epoch,
     )
-
-
-def goal_for(split: ForgetSplit) -> str:
-    """Class-wise tasks erase; random-subset tasks match unseen data."""
-    return "erase" if split.spec.kind == "class" else "match"
 
 
 def learn_forget_vector(
@@ -282,7 +233,7 @@ def learn_forget_vector(
         split,
         DirectDelta(data.input_shape),
         config,
-        goal=goal_for(split),
+        goal=goal_for(split.spec.kind),
         device=device,
         desc=f"forget vector ({split.spec.kind})",
     )

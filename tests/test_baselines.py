@@ -14,7 +14,6 @@ import torch
 
 from fv_serving.baselines import (
     BaselineConfig,
-    SelectionRule,
     count_changed,
     grid_search,
     random_wrong_labels,
@@ -27,6 +26,7 @@ from fv_serving.gating import GatedPerturbedClassifier
 from fv_serving.masking import OutputMaskedClassifier
 from fv_serving.metrics import predict
 from fv_serving.pipeline import Workspace
+from fv_serving.stopping import StoppingRule
 
 FORGET = 1  # Trouser: learned well by the tiny fixture model
 
@@ -135,21 +135,12 @@ def test_config_validation_names_the_parameter() -> None:
         BaselineConfig("SalUn", lr=0.1, epochs=1, saliency_fraction=1.5)
 
 
-def test_selection_rule_distances() -> None:
-    erase = SelectionRule("erase", forget_target=0.5, retain_margin=2.0)
-    assert erase.distance(0.0, 89.0, 90.0) == 0.0
-    assert erase.distance(10.5, 85.0, 90.0) == pytest.approx(10.0 + 3.0)
-    match = SelectionRule("match", match_tolerance=1.0, retain_margin=2.0)
-    assert match.distance(88.5, 88.0, 89.0) == 0.0
-    assert match.distance(100.0, 88.0, 89.0) == pytest.approx(11.0)
-
-
 def test_grid_search_choice_is_reproducible(tiny_workspace: Workspace) -> None:
     """The chosen (lr, epochs) re-run from scratch gives bit-identical weights: the grid reports what it kept."""
     ws = tiny_workspace
     split = small_split(ws)
     base = BaselineConfig("GA", lr=0.001, epochs=1)
-    grid = grid_search(ws.model, ws.data, split, base, (0.001, 0.01), 2, SelectionRule("erase"), monitor_size=200)
+    grid = grid_search(ws.model, ws.data, split, base, (0.001, 0.01), 2, StoppingRule("erase"), monitor_size=200)
     assert len(grid.points) == 4 and grid.chosen.epochs in (1, 2) and grid.chosen.lr in (0.001, 0.01)
     best_key = min((p.distance, -p.holdout_acc, p.epochs) for p in grid.points)
     chosen = next(p for p in grid.points if p.lr == grid.chosen.lr and p.epochs == grid.chosen.epochs)

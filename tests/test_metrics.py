@@ -33,9 +33,22 @@ def test_mia_counts_the_fraction() -> None:
     assert mia_efficacy(members, nonmembers, forget) == pytest.approx(30.0, abs=1.0)
 
 
-def test_mia_is_seeded_and_balanced() -> None:
-    members, nonmembers = _confidences(np.random.RandomState(0))
-    forget = np.linspace(0.0, 1.0, 200)
+def test_mia_shadow_sets_are_balanced() -> None:
+    """5000 members against 100 non-members, overlapping on [0.3, 0.7]: balanced shadow sets put the boundary
+    near 0.5, so about half of a forget set spread over the overlap is called non-member. An attack fitted on
+    all 5000 members would call nearly all of it a member."""
+    rng = np.random.RandomState(0)
+    members, nonmembers = rng.uniform(0.3, 1.0, 5000), rng.uniform(0.0, 0.7, 100)
+    forget = np.random.RandomState(1).uniform(0.3, 0.7, 1000)
+    assert 25.0 <= mia_efficacy(members, nonmembers, forget) <= 75.0
+
+
+def test_mia_shadow_sets_follow_the_seed() -> None:
+    rng = np.random.RandomState(0)
+    members, nonmembers = rng.uniform(0.3, 1.0, 3000), rng.uniform(0.0, 0.7, 60)
+    forget = np.linspace(0.3, 0.7, 400)
+    results = {mia_efficacy(members, nonmembers, forget, seed=s) for s in range(5)}
+    assert len(results) > 1  # other shadow subsets, other boundaries
     assert mia_efficacy(members, nonmembers, forget, seed=3) == mia_efficacy(members, nonmembers, forget, seed=3)
 
 

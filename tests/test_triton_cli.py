@@ -142,6 +142,8 @@ def test_build_refuses_a_vector_of_another_classifier(
 # -- serve, status, infer, switch, stop ---------------------------------------------------------------
 
 
+@requires_triton
+@pytest.mark.triton
 def test_status_shows_the_active_vector_and_models(
     detached: Path, repo: Path, class_vector: tuple[ForgetVector, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -156,6 +158,8 @@ def test_status_shows_the_active_vector_and_models(
     assert {(m["name"], m["state"]) for m in status["models"]} >= {(CLASSIFIER_MODEL, "READY"), (FUSED_MODEL, "READY")}
 
 
+@requires_triton
+@pytest.mark.triton
 def test_infer_files_and_dataset_then_switch_off_and_back(
     detached: Path,
     repo: Path,
@@ -205,6 +209,8 @@ def test_infer_files_and_dataset_then_switch_off_and_back(
     assert "<- forgotten" in stdout and "accuracy" in stdout
 
 
+@requires_triton
+@pytest.mark.triton
 def test_switch_refuses_bad_vectors_with_one_line_errors(
     detached: Path,
     repo: Path,
@@ -227,6 +233,8 @@ def test_switch_refuses_bad_vectors_with_one_line_errors(
     assert list_forget_step_versions(repo) == versions
 
 
+@requires_triton
+@pytest.mark.triton
 def test_serve_and_build_refuse_to_clobber_a_served_repository(
     detached: Path, repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

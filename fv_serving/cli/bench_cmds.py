@@ -1,4 +1,4 @@
-"""`fv bench unlearning`: the side-by-side unlearning benchmark (fv_serving.bench.unlearning)."""
+"""`fv bench unlearning`: the side-by-side unlearning benchmark (fv_serving.bench.runner)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ DEFAULT_OUT = Path("benchmarks/results/unlearning")
 
 
 def cmd_unlearning(args: argparse.Namespace) -> int:
-    from fv_serving.bench.unlearning import run_benchmark
+    from fv_serving.bench.runner import run_benchmark
 
     d = BenchConfig()
     config = BenchConfig(
