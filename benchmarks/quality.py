@@ -25,7 +25,7 @@ import torch
 
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.bench.machine import load_average, machine_info
-from fv_serving.config import TrainConfig, VectorConfig, combination_config
+from fv_serving.config import METRIC_NAMES, TrainConfig, VectorConfig, combination_config
 from fv_serving.data import ForgetSpec, SplitSpec
 from fv_serving.metrics import evaluate_unlearning
 from fv_serving.models import PerturbedClassifier
@@ -39,11 +39,9 @@ from fv_serving.pipeline import (
     train_model,
 )
 
-METRICS = ("UA", "RA", "TA", "MIA")
-
 
 def _row(metrics: Any) -> dict[str, float]:
-    return {k: round(float(metrics[k] if isinstance(metrics, dict) else getattr(metrics, k)), 2) for k in METRICS}
+    return {k: round(float(metrics[k] if isinstance(metrics, dict) else getattr(metrics, k)), 2) for k in METRIC_NAMES}
 
 
 def class_wise(

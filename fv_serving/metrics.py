@@ -8,6 +8,7 @@ outputs (for a vector: on perturbed inputs), per docs/method.md section 4.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,9 +17,8 @@ import torch
 from sklearn.svm import SVC
 from torch import nn
 
+from fv_serving.config import METRIC_NAMES
 from fv_serving.data import Dataset, ForgetSplit, ImageSet, iterate_batches
-
-METRIC_NAMES = ("UA", "RA", "TA", "MIA")
 
 
 @dataclass
@@ -80,6 +80,11 @@ class UnlearningMetrics:
 
     def to_json(self) -> dict[str, float]:
         return {k: round(v, 4) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> UnlearningMetrics:
+        """The four metrics of a result row (which may hold other columns too)."""
+        return cls(**{k: float(row[k]) for k in METRIC_NAMES})
 
     def avg_gap(self, reference: UnlearningMetrics) -> float:
         """Mean absolute difference to a reference (Retrain) over UA, RA, TA, MIA."""

@@ -349,12 +349,9 @@ def evaluate_vector(
         metrics, details = _evaluate(ws, model, split)
         rows[name] = {**metrics.to_json(), **details}
     if retrain is not None:
-        reference = UnlearningMetrics(**{k: rows["retrain"][k] for k in ("UA", "RA", "TA", "MIA")})
-        for name in rows:
-            rows[name]["avg_gap"] = round(
-                UnlearningMetrics(**{k: rows[name][k] for k in ("UA", "RA", "TA", "MIA")}).avg_gap(reference),
-                4,
-            )
+        reference = UnlearningMetrics.from_row(rows["retrain"])
+        for row in rows.values():
+            row["avg_gap"] = round(UnlearningMetrics.from_row(row).avg_gap(reference), 4)
     out_dir = Path(out_dir)
     per_class = {
         name: per_class_accuracy(m, ws.data.test, ws.data.num_classes, device=ws.device) for name, m in models.items()

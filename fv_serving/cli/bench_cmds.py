@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fv_serving.bench.config import BenchConfig
 from fv_serving.cli.common import OneLineErrorParser, add_device, print_table
-from fv_serving.config import ARCHITECTURES, DATASETS
+from fv_serving.config import ARCHITECTURES, DATASETS, METRIC_NAMES
 
 DEFAULT_OUT = Path("benchmarks/results/unlearning")
 
@@ -48,7 +48,7 @@ def cmd_unlearning(args: argparse.Namespace) -> int:
     report = run_benchmark(config, args.out_dir, command=command)
     for scenario, block in report["summary"].items():
         rows = {m: {k: v["mean"] for k, v in cells.items()} for m, cells in block["methods"].items()}
-        print_table(rows, ("UA", "RA", "TA", "MIA", "avg_gap", "seconds"), f"{scenario} ({block['n']} task(s)), means:")
+        print_table(rows, (*METRIC_NAMES, "avg_gap", "seconds"), f"{scenario} ({block['n']} task(s)), means:")
     print(f"wall time {report['meta']['wall_seconds']:.0f} s; wrote {args.out_dir}/unlearning.json, .md and .png")
     return 0
 

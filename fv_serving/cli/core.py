@@ -23,12 +23,11 @@ from fv_serving.config import (
     ARCHITECTURES,
     DATASETS,
     DEFAULT_VAL_SIZE,
+    METRIC_NAMES,
     TrainConfig,
     combination_config,
     with_overrides,
 )
-
-METRIC_COLUMNS = ("UA", "RA", "TA", "MIA")
 
 
 def _forget_spec(args: argparse.Namespace, ws: object) -> ForgetSpec | None:
@@ -94,7 +93,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
             "without moving every input; see README, Results)"
         )
     if "UA" in metrics:
-        print_table({"forget vector": metrics}, METRIC_COLUMNS)
+        print_table({"forget vector": metrics}, METRIC_NAMES)
     print(f"wrote {args.out}")
     return 0
 
@@ -127,7 +126,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if "UA" in metrics:
         print_table(
             {"composed": {**metrics, **{f"UA[{c}]": v for c, v in metrics["per_forgotten_class_UA"].items()}}},
-            (*METRIC_COLUMNS, *(f"UA[{c}]" for c in classes)),
+            (*METRIC_NAMES, *(f"UA[{c}]" for c in classes)),
         )
     print(f"wrote {args.out}")
     return 0
@@ -140,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     vector = load_vector(args.vector) if args.vector else None
     retrain = open_workspace(args.retrain, args.data_root, args.device) if args.retrain else None
     report = evaluate_vector(ws, vector, args.out_dir, forget=_forget_spec(args, ws), retrain=retrain, force=args.force)
-    columns = (*METRIC_COLUMNS, "avg_gap") if retrain else METRIC_COLUMNS
+    columns = (*METRIC_NAMES, "avg_gap") if retrain else METRIC_NAMES
     print_table(report["rows"], columns, f"task {report['task']['kind']}: {report['task']}")
     print(f"wrote {Path(args.out_dir) / 'evaluation.json'} and {', '.join(report['figures'])}")
     return 0
