@@ -4,7 +4,7 @@ delta(w) = sum_k w_k delta_k. Zero-shot rules pick w without training (1 for eac
 chosen class: "sum"; 1/m each: "mean"); learned coefficients start from the
 zero-shot sum and are trained by `unlearn.learn_perturbation` with `BankCombination`.
 Every composition, wherever it is asked for (CLI, export, a live switch), is made
-here, so a composed vector always carries the same metadata: the bank's classifier
+here (`compose` for one asked for by name), so a composed vector always carries the same metadata: the bank's classifier
 fingerprint and clamp, and the coefficients that made it.
 """
 
@@ -88,3 +88,22 @@ def vector_from_bank(
 def zero_shot_vector(bank: VectorBank, classes: Sequence[int], rule: str) -> ForgetVector:
     """Sum or mean of the chosen classes' vectors: no training, no classifier needed."""
     return vector_from_bank(bank, zero_shot_weights(bank.classes, classes, rule), rule, classes)
+
+
+def compose(
+    bank: VectorBank,
+    *,
+    classes: Sequence[str] = (),
+    mode: str = "sum",
+    coefficients: Sequence[float] | None = None,
+    class_names: Sequence[str] = (),
+) -> ForgetVector:
+    """The one entry for a composition asked for by name: zero-shot over `classes`, or explicit coefficients.
+
+    Classes are indices or names (the bank's recorded names, else `class_names`).
+    """
+    if bool(classes) == (coefficients is not None):
+        raise InvalidInputError("with a bank give either classes (zero-shot sum/mean) or coefficients")
+    if coefficients is not None:
+        return vector_from_bank(bank, coefficients, "coefficients")
+    return zero_shot_vector(bank, class_ids(classes, bank_class_names(bank) or class_names), mode)

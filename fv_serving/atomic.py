@@ -3,7 +3,9 @@
 Every file fv_serving produces (checkpoints, vectors, ONNX graphs, JSON, Triton
 version folders) is first written next to its destination and then renamed into
 place, so a crash or a refused input never leaves a half-written file behind and a
-reader (Triton included) sees either the old content or the new one.
+reader (Triton included) sees either the old content or the new one. The data is
+fsynced before the rename and the folder after it, so what a switch reports as done
+survives a power cut too (a rename alone can be reordered before the data).
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ def default_mode(base: int) -> int:
     return base & ~umask
 
 
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path in the destination's folder; rename it over the destination on success."""
@@ -37,7 +48,9 @@ def atomic_path(destination: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         # mkstemp (and some writers) make 0600 files; a served model must be readable like any other file.
         tmp.chmod(default_mode(0o666))
+        fsync_path(tmp)
         os.replace(tmp, dest)
+        fsync_path(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -67,7 +80,9 @@ def atomic_directory(destination: str | os.PathLike[str]) -> Iterator[Path]:
     tmp.chmod(default_mode(0o777))
     try:
         yield tmp
+        fsync_path(tmp)
         os.rename(tmp, dest)
+        fsync_path(dest.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from fv_serving.errors import InvalidInputError
 from fv_serving.stopping import StoppingRule
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "imagefolder")
@@ -45,9 +46,28 @@ class TrainConfig:
         return asdict(self)
 
 
+#: Named settings of `VectorConfig` (`VectorConfig.preset(name)`, `fv learn --preset`).
+PRESETS = ("fast", "epochs", "parity")
+
+
 @dataclass(frozen=True)
 class VectorConfig:
-    """Objective, optimiser and stopping rule. Defaults follow the authors' code (docs/method.md sec. 2)."""
+    """Objective, optimiser, batches and stopping rule of one learning run.
+
+    The objective and optimiser follow the authors' code (docs/method.md sec. 2). How
+    batches are drawn and how often the rule is checked do not change what is learned,
+    only what it costs, so the defaults are the "fast" preset: a vector has C*H*W
+    parameters and does not need passes over the whole retain set. `epochs()` is the
+    previous default (passes over D_f + D_r in their natural proportion, the authors'
+    batches), `parity()` the authors' protocol.
+
+    An epoch is one pass over D_f + D_r (`steps_per_epoch` None) or `steps_per_epoch`
+    steps of batches drawn at random, `forget_fraction` of each from D_f (None: the
+    natural proportion). The learning rate decays by `gamma` once per epoch; the
+    stopping rule is checked `checks_per_epoch` times per epoch on `monitor_size`
+    forget images and `holdout_size` validation images (None: all of them); a check
+    that meets the rule on a validation subset is confirmed on the whole hold-out.
+    """
 
     beta: float = 5.0  # forget-term weight (authors: 3-10 per class)
     alpha: float = 1.0  # retain-term weight
@@ -59,21 +79,51 @@ class VectorConfig:
     gamma: float = 0.9  # ExponentialLR, stepped once per epoch
     batch_size: int = 256
     max_epochs: int = 10
+    steps_per_epoch: int | None = 25  # None: an epoch is one pass over D_f + D_r
+    forget_fraction: float | None = 0.5  # share of D_f in a drawn batch (None: natural proportion)
     augment: bool = True
     clamp: Clamp = None  # None for parity with the authors; (0, 1) keeps inputs valid images
     stopping: bool = True  # False: run all epochs and keep the last delta (the authors' protocol)
-    checks_per_epoch: int = 2
+    checks_per_epoch: int = 5
     # The stopping rule's thresholds (fv_serving/stopping.py says what each means).
     forget_target: float = StoppingRule.forget_target
     match_tolerance: float = StoppingRule.match_tolerance
     retain_margin: float = StoppingRule.retain_margin
-    monitor_size: int = 2000  # forget samples checked by the stopping rule
+    monitor_size: int = 500  # forget samples checked by the stopping rule
+    holdout_size: int | None = 1000  # validation samples per check (None: the whole hold-out)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise InvalidInputError(f"steps_per_epoch must be >= 1 (or None), got {self.steps_per_epoch}")
+        if self.forget_fraction is not None and not 0 < self.forget_fraction < 1:
+            raise InvalidInputError(f"forget_fraction must be in (0, 1) (or None), got {self.forget_fraction}")
+        if self.holdout_size is not None and self.holdout_size < 1:
+            raise InvalidInputError(f"holdout_size must be >= 1 (or None), got {self.holdout_size}")
+
+    @classmethod
+    def epochs(cls, beta: float = 5.0) -> VectorConfig:
+        """The previous default: shuffled passes over D_f + D_r, 2 checks per epoch on 2000 + all hold-out images."""
+        return cls(
+            beta=beta,
+            steps_per_epoch=None,
+            forget_fraction=None,
+            checks_per_epoch=2,
+            monitor_size=2000,
+            holdout_size=None,
+        )
 
     @classmethod
     def parity(cls, beta: float = 5.0) -> VectorConfig:
-        """The authors' released setting: ~200 epochs, no stopping rule, no clamp."""
-        return cls(beta=beta, max_epochs=200, stopping=False)
+        """The authors' released setting: ~200 epochs over D_f + D_r, no stopping rule, no clamp."""
+        return replace(cls.epochs(beta), max_epochs=200, stopping=False)
+
+    @classmethod
+    def preset(cls, name: str) -> VectorConfig:
+        """One of PRESETS by name."""
+        if name not in PRESETS:
+            raise InvalidInputError(f"unknown preset {name!r}; expected one of {PRESETS}")
+        return cls() if name == "fast" else cls.epochs() if name == "epochs" else cls.parity()
 
     def rule(self, goal: str) -> StoppingRule:
         """The stopping rule of a task with this goal ("erase" or "match") and these thresholds."""

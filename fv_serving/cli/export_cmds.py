@@ -10,6 +10,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fv_serving.cli.serving_args import (
+    add_admission,
+    add_vector_choice,
+    admission_policy,
+    print_warnings,
+    vector_choice,
+)
 from fv_serving.errors import DataNotFoundError, InvalidInputError
 
 
@@ -55,12 +62,14 @@ def _normalized_input(args: argparse.Namespace) -> tuple[list[float], list[float
 
 
 def cmd_fused(args: argparse.Namespace) -> int:
-    from fv_serving.fingerprint import probe_batch
-    from fv_serving.onnx.fuse import fuse_vector
-    from fv_serving.onnx.graph import GraphSummary, find_image_input, graph_inputs, load_model, save_model
-    from fv_serving.onnx.runtime import verify_fused
+    from fv_serving.onnx.checked import fuse_vector
+    from fv_serving.onnx.graph import GraphSummary, find_image_input, load_model, save_model
     from fv_serving.vectors import load_vector
 
+    if Path(args.out).absolute() == Path(args.onnx).absolute() or (
+        Path(args.out).exists() and Path(args.out).samefile(args.onnx)
+    ):
+        raise InvalidInputError(f"--out {args.out} is the input graph itself; write the fused graph to another file")
     normalized = _normalized_input(args)
     vector = load_vector(args.vector)
     original = load_model(args.onnx, "classifier graph")
@@ -71,76 +80,45 @@ def cmd_fused(args: argparse.Namespace) -> int:
         normalized_input=normalized,
         force=args.force,
         provider=args.provider,
+        policy=admission_policy(args),
+        id_output=args.id_output,
     )
+    written = save_model(fused.graph, args.out, "the fused graph")
     image = find_image_input(original, args.input_name)
-    verified = [
-        "onnx.checker full check",
-        "inputs and outputs identical to the original graph (drop-in replacement)",
-        "classifier check SKIPPED (--force; recorded in metadata fv_serving.forced)"
-        if args.force
-        else "classifier check: the unfused graph reproduces the vector's probe logits",
-    ]
-    if len(graph_inputs(original)) == 1:
-        err = verify_fused(
-            original,
-            fused,
-            vector,
-            probe_batch(image.chw),
-            input_name=image.name,
-            normalized_input=normalized,
-            provider=args.provider,
-        )
-        verified.append(f"fused(x) == original(clamp(x + delta)) in onnxruntime on probe images: max |diff| {err:.2e}")
-    else:
-        verified.append("parity not run: the graph has inputs besides the image")
-    written = save_model(fused, args.out, "the fused graph")
     space = f"normalised input (delta/std added; mean {normalized[0]}, std {normalized[1]})" if normalized else "pixels"
     clamp = f", clamp {list(vector.clamp)}" if vector.clamp else ""
-    _print(GraphSummary.of(fused, written, verified).lines())
-    print(f"  vector {vector.vector_id}{clamp} added to input {image.name!r} ({space})")
+    _print(GraphSummary.of(fused.graph, written, list(fused.checks)).lines())
+    print_warnings(fused.warnings)
+    print(f"  vector {vector.vector_id}{clamp} added to input {image.name!r} ({space}); inputs outside [0,1] clipped")
     return 0
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from fv_serving.arithmetic import bank_class_names, class_ids, vector_from_bank, zero_shot_vector
-    from fv_serving.fingerprint import probe_batch
-    from fv_serving.onnx.fuse import forget_step_graph
+    from fv_serving.onnx.checked import forget_step
     from fv_serving.onnx.graph import GraphSummary, load_model, save_model
-    from fv_serving.onnx.runtime import check_vector_matches, verify_forget_step
-    from fv_serving.vectors import ForgetVector, load_bank, load_vector
 
-    vector: ForgetVector | None = None
-    if args.vector:
-        vector = load_vector(args.vector)
-        what = f"vector {vector.vector_id}"
-    elif args.bank:
-        bank = load_bank(args.bank)
-        if (args.classes is None) == (args.coefficients is None):
-            raise InvalidInputError("with --bank give either --classes (zero-shot sum/mean) or --coefficients")
-        if args.coefficients is not None:
-            vector = vector_from_bank(bank, args.coefficients, "coefficients")
-        else:
-            vector = zero_shot_vector(bank, class_ids(args.classes, bank_class_names(bank)), args.mode)
-        composed = vector.forget["composed"]
-        what = f"composed vector {vector.vector_id} ({composed['mode']}, coefficients {composed['coefficients']})"
-    else:
-        if args.shape is None:
-            raise InvalidInputError("--off needs --shape C H W")
-        what = "identity (off) step"
+    choice = vector_choice(args)
+    vector = choice.resolve()
+    if vector is None and args.shape is None:
+        raise InvalidInputError("--off needs --shape C H W")
+    if vector is None and args.classifier_onnx:
+        raise InvalidInputError("--classifier-onnx checks a vector; the off step has none")
     shape = (args.shape[0], args.shape[1], args.shape[2]) if args.shape else None
-    step = forget_step_graph(vector, shape)
-    chw = vector.delta.shape if vector is not None else shape
+    chw = shape or vector.delta.shape if vector is not None else shape
     assert chw is not None
-    verified = ["onnx.checker full check"]
-    if args.classifier_onnx:
-        if vector is None:
-            raise InvalidInputError("--classifier-onnx checks a vector; the off step has none")
-        check_vector_matches(load_model(args.classifier_onnx, "classifier graph"), vector, provider=args.provider)
-        verified.append(f"{args.classifier_onnx} reproduces the vector's probe logits (same classifier)")
-    err = verify_forget_step(step, vector, probe_batch(chw), provider=args.provider)
-    verified.append(f"output == apply_delta(x, delta, clamp) on probe images: max |diff| {err:.1e}")
-    written = save_model(step, args.out, "the forget step graph")
-    _print(GraphSummary.of(step, written, verified).lines())
+    classifier = load_model(args.classifier_onnx, "classifier graph") if args.classifier_onnx else None
+    step = forget_step(
+        vector,
+        (int(chw[0]), int(chw[1]), int(chw[2])),
+        classifier=classifier,
+        force=args.force,
+        provider=args.provider,
+        policy=admission_policy(args),
+    )
+    written = save_model(step.graph, args.out, "the forget step graph")
+    _print(GraphSummary.of(step.graph, written, list(step.checks)).lines())
+    print_warnings(step.warnings)
+    what = "identity (off) step" if vector is None else f"vector {vector.vector_id} ({choice.describe()['kind']})"
     print(f"  forget step: {what}")
     return 0
 
@@ -169,7 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_provider(p)
     p.set_defaults(func=cmd_classifier)
 
-    p = kinds.add_parser("fused", help="bake a forget vector into a classifier graph (drop-in, non-bypassable)")
+    p = kinds.add_parser("fused", help="bake a forget vector into a classifier graph (drop-in)")
     p.add_argument("--onnx", required=True, help="the classifier graph (ours or any other exporter's)")
     p.add_argument("--vector", required=True, help="forget-vector file (.safetensors)")
     p.add_argument("--out", required=True, type=Path)
@@ -177,18 +155,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--normalized-input", action="store_true", help="the graph takes (x - mean)/std, not pixels")
     p.add_argument("--mean", type=float, nargs="+", help="per-channel pixel mean of that normalisation")
     p.add_argument("--std", type=float, nargs="+", help="per-channel pixel std of that normalisation")
-    p.add_argument("--force", action="store_true", help="skip the classifier check (recorded in the graph)")
+    p.add_argument("--id-output", action="store_true", help="add a vector_id output (changes the outputs)")
+    add_admission(p)
     _add_provider(p)
     p.set_defaults(func=cmd_fused)
 
-    p = kinds.add_parser("forget", help="the forget step alone (image -> image_fv) for the Triton ensemble")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--vector", help="forget-vector file")
-    src.add_argument("--bank", help="vector bank: combined at export into one vector")
-    src.add_argument("--off", action="store_true", help="identity step (forgetting off), needs --shape")
-    p.add_argument("--classes", nargs="+", help="with --bank: classes to forget (index or name)")
-    p.add_argument("--mode", choices=("sum", "mean"), default="sum", help="with --classes: zero-shot rule")
-    p.add_argument("--coefficients", type=float, nargs="+", help="with --bank: one coefficient per bank vector")
+    p = kinds.add_parser("forget", help="the forget step alone (image -> image_fv, vector_id) for the Triton ensemble")
+    add_vector_choice(p)
     p.add_argument("--shape", type=int, nargs=3, metavar=("C", "H", "W"), help="image shape (--off)")
     p.add_argument("--classifier-onnx", help="also check the vector against this classifier graph")
     p.add_argument("--out", required=True, type=Path)

@@ -2,15 +2,17 @@
 
     export.py   PyTorch classifier -> self-contained ONNX file (raw pixels in, logits out)
     graph.py    inspection (which input is the image), checker, atomic single-file I/O
-    fuse.py     graph surgery: fused graph (vector baked into a classifier) and forget-step graph
+    fuse.py     pure graph surgery: fused graph (vector baked into a classifier) and forget-step graph
+    checked.py  the same graphs with admission, classifier check, checker, parity and provenance
     runtime.py  onnxruntime sessions (cpu/cuda), classifier check, parity checks
 
-A user with their own ONNX classifier and a vector file needs only graph.py, fuse.py
-and runtime.py, which this package re-exports and which do not import PyTorch;
+A user with their own ONNX classifier and a vector file needs only graph.py, fuse.py,
+checked.py and runtime.py, which this package re-exports and which do not import PyTorch;
 `fv_serving.onnx.export` (PyTorch -> ONNX) is imported explicitly by those who export.
 """
 
-from fv_serving.onnx.fuse import forget_step_graph, fuse_vector
+from fv_serving.onnx.checked import CheckedGraph, forget_step, fuse_vector
+from fv_serving.onnx.fuse import forget_step_graph, fuse_graph
 from fv_serving.onnx.graph import (
     DEFAULT_OPSET,
     ImageInput,
@@ -33,12 +35,15 @@ from fv_serving.onnx.runtime import (
 
 __all__ = [
     "DEFAULT_OPSET",
+    "CheckedGraph",
     "ImageInput",
     "TensorInfo",
     "check_model",
     "check_vector_matches",
     "find_image_input",
+    "forget_step",
     "forget_step_graph",
+    "fuse_graph",
     "fuse_vector",
     "graph_inputs",
     "graph_outputs",

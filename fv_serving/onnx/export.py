@@ -133,8 +133,14 @@ def export_classifier(
     """
     onnx_model = classifier_to_onnx(model, opset=opset, exporter=exporter)
     image = find_image_input(onnx_model, INPUT_NAME)
-    if image.batch is not None or image.chw != model.spec.input_shape:
-        raise OnnxGraphError(f"exported input has shape {graph_inputs(onnx_model)[0].shape}, expected dynamic batch")
+    exported = graph_inputs(onnx_model)[0].shape
+    if image.batch is not None:
+        raise OnnxGraphError(f"exported input has shape {list(exported)}: the batch dim is static, expected dynamic")
+    if image.chw != model.spec.input_shape:
+        raise OnnxGraphError(
+            f"exported input takes [N,{','.join(map(str, image.chw))}] images, but the classifier's spec says "
+            f"[N,{','.join(map(str, model.spec.input_shape))}]"
+        )
     session = make_session(onnx_model, provider)
     cpu_model = copy.deepcopy(model).cpu().eval()
     verified = ["onnx.checker full check", "one self-contained file (no external data)"]

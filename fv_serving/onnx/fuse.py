@@ -1,34 +1,43 @@
 """Graph surgery: a forget vector fused into a classifier graph, or a forget step on its own.
 
 Pure functions in the manner of `onnx.compose`: ModelProto in -> new ModelProto out,
-the input never modified, the ONNX checker (full) run on the result. The perturbation
+the input never modified, no runtime run and no clock read (the checks and the
+provenance stamp live beside them, in `fv_serving.onnx.checked`). The perturbation
 is built as a tiny graph of its own with `onnx.helper` and joined to the classifier
 with `onnx.compose.merge_models`, so its nodes come first and feed the classifier's
 image input; every name it brings is chosen not to collide with the classifier's
 (merge_models refuses overlapping node/edge/initializer/value_info names, and
 `add_prefix` would also rename the shared image input).
 
-The clamp has the semantics of `fv_serving.perturbation.apply_delta`:
-clamp(x + delta, low, high) = min(max(x + delta, low), high), elementwise.
+Semantics: those of `fv_serving.perturbation.apply_delta`, elementwise:
+    sanitize:  NaN -> low, then min(max(x, low), high)   (low, high = the pixel range)
+    perturb:   + delta
+    clamp:     min(max(., clamp_low), clamp_high)         (only when the vector has a clamp)
+For a graph that takes normalised input z = (x - mean)/std, delta/std is added and
+every bound is mapped per channel: (b - mean)/std. Exact identity:
+(x + d - m)/s == (x - m)/s + d/s.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fv_serving.arithmetic import vector_from_bank
+from fv_serving.config import Clamp
 from fv_serving.errors import InvalidInputError, ModelMismatchError, OnnxGraphError
 from fv_serving.onnx.graph import (
     DEFAULT_OPSET,
+    ID_OUTPUT,
     META_PREFIX,
+    OFF_ID,
+    STEP_INPUT,
+    STEP_OUTPUT,
     ImageInput,
-    check_model,
     default_opset,
     find_image_input,
     graph_inputs,
@@ -36,21 +45,15 @@ from fv_serving.onnx.graph import (
     metadata,
     with_metadata,
 )
-from fv_serving.onnx.runtime import NormalizedInput, check_normalized_input, check_vector_matches
-from fv_serving.vectors import ForgetVector, VectorBank
+from fv_serving.onnx.runtime import NormalizedInput, check_normalized_input
+from fv_serving.perturbation import PIXEL_RANGE
+from fv_serving.vectors import ForgetVector
 
-#: Tensor names of the standalone forget step (the Triton ensemble maps them).
-STEP_INPUT = "image"
-STEP_OUTPUT = "image_fv"
-#: Id recorded for the identity ("off") forget step.
-OFF_ID = "off"
-#: Oldest default opset whose Add/Max/Min broadcast multidirectionally.
-MIN_FUSE_OPSET = 8
-
-BankSource = tuple[VectorBank, Sequence[float] | np.ndarray]
+#: Oldest default opset with IsNaN/Where (sanitising) and multidirectional Add/Max/Min.
+MIN_FUSE_OPSET = 9
 
 
-# -- the perturbation subgraph ------------------------------------------------------------------------
+# -- names --------------------------------------------------------------------------------------------
 
 
 def _names_in(graph: onnx.GraphProto) -> Iterator[str]:
@@ -84,92 +87,128 @@ def _free_prefix(graph: onnx.GraphProto) -> str:
     raise OnnxGraphError("could not find a free name prefix for the forget-vector nodes")
 
 
+# -- the perturbation subgraph ------------------------------------------------------------------------
+
+
+class _Builder:
+    """Nodes and initializers of the perturbation subgraph, all named with one prefix."""
+
+    def __init__(
+        self, prefix: str, np_type: np.dtype[Any], mean: np.ndarray, std: np.ndarray, per_channel: bool
+    ) -> None:
+        self.prefix, self.np_type, self.mean, self.std, self.per_channel = prefix, np_type, mean, std, per_channel
+        self.nodes: list[onnx.NodeProto] = []
+        self.tensors: list[onnx.TensorProto] = []
+
+    def constant(self, name: str, value: np.ndarray) -> str:
+        self.tensors.append(numpy_helper.from_array(np.asarray(value).astype(self.np_type), self.prefix + name))
+        return self.prefix + name
+
+    def bound(self, name: str, pixel_value: float) -> str:
+        """A pixel-space bound in the graph's input space: a scalar, or [1,C,1,1] for normalised input."""
+        if not self.per_channel:
+            return self.constant(name, np.array(pixel_value))
+        return self.constant(name, ((pixel_value - self.mean) / self.std).reshape(1, -1, 1, 1))
+
+    def node(self, op: str, inputs: list[str], output: str) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=f"{self.prefix}{output}_{op.lower()}"))
+        return output
+
+    def clip(self, x: str, low: str, high: str, output: str) -> str:
+        # Clip takes scalar bounds only; per-channel bounds need Max then Min (same result).
+        if not self.per_channel:
+            return self.node("Clip", [x, low, high], output)
+        return self.node("Min", [self.node("Max", [x, low], self.prefix + output + "_low"), high], output)
+
+
 def _perturbation_graph(
-    vector: ForgetVector,
+    vector: ForgetVector | None,
     image: onnx.ValueInfoProto,
     elem_type: int,
     output: str,
     prefix: str,
-    opset: int,
     normalized_input: NormalizedInput | None,
+    pixel_range: Clamp,
 ) -> onnx.GraphProto:
-    """image -> Add(delta) [-> clamp] -> output.
-
-    Pixel space: Add delta [1,C,H,W], then Clip(low, high) (Max/Min before opset 11).
-    Normalised input z = (x - mean)/std: Add delta/std per channel, then the pixel
-    bounds mapped per channel, (low - mean)/std and (high - mean)/std, with Max/Min
-    (Clip only takes scalar bounds). Exact identity: (x + d - m)/s == (x - m)/s + d/s.
-    """
+    """image -> [sanitize] -> [Add delta] -> [clamp] -> output (see the module docstring)."""
     np_type = helper.tensor_dtype_to_np_dtype(elem_type)
-    channels = vector.delta.shape[0]
+    channels = image.type.tensor_type.shape.dim[1].dim_value
     mean, std = check_normalized_input(normalized_input, channels)
-    scale = std.reshape(-1, 1, 1)
-    delta = vector.delta.astype(np.float64) if normalized_input is None else vector.delta / scale
-    tensors = [numpy_helper.from_array(delta[None].astype(np_type), f"{prefix}delta")]
-    added = f"{prefix}perturbed" if vector.clamp is not None else output
-    nodes = [helper.make_node("Add", [image.name, f"{prefix}delta"], [added], name=f"{prefix}add_delta")]
-    if vector.clamp is not None:
-        low, high = vector.clamp
-        if normalized_input is None:
-            lo = np.array(low, dtype=np_type)
-            hi = np.array(high, dtype=np_type)
-        else:
-            lo = ((low - mean) / std).reshape(1, -1, 1, 1).astype(np_type)
-            hi = ((high - mean) / std).reshape(1, -1, 1, 1).astype(np_type)
-        tensors += [
-            numpy_helper.from_array(lo, f"{prefix}clamp_low"),
-            numpy_helper.from_array(hi, f"{prefix}clamp_high"),
-        ]
-        if normalized_input is None and opset >= 11:
-            nodes.append(
-                helper.make_node(
-                    "Clip", [added, f"{prefix}clamp_low", f"{prefix}clamp_high"], [output], name=f"{prefix}clamp"
-                )
-            )
-        else:
-            nodes += [
-                helper.make_node("Max", [added, f"{prefix}clamp_low"], [f"{prefix}above_low"], name=f"{prefix}max"),
-                helper.make_node("Min", [f"{prefix}above_low", f"{prefix}clamp_high"], [output], name=f"{prefix}min"),
-            ]
+    b = _Builder(prefix, np_type, mean, std, per_channel=normalized_input is not None)
+    current = image.name
+    if pixel_range is not None:
+        low, high = b.bound("input_low", pixel_range[0]), b.bound("input_high", pixel_range[1])
+        is_nan = b.node("IsNaN", [current], prefix + "input_is_nan")
+        current = b.node("Where", [is_nan, low, current], prefix + "input_no_nan")
+        current = b.clip(current, low, high, prefix + "input_sanitized")
+    if vector is not None:
+        delta = vector.delta if normalized_input is None else vector.delta / std.reshape(-1, 1, 1)
+        current = b.node("Add", [current, b.constant("delta", delta[None])], prefix + "perturbed")
+        if vector.clamp is not None:
+            clamp_low, clamp_high = b.bound("clamp_low", vector.clamp[0]), b.bound("clamp_high", vector.clamp[1])
+            current = b.clip(current, clamp_low, clamp_high, prefix + "clamped")
+    b.node("Identity", [current], output)
     out_info = onnx.ValueInfoProto()
     out_info.CopyFrom(image)
     out_info.name = output
-    return helper.make_graph(nodes, f"{prefix}forget_vector", [image], [out_info], tensors)
+    return helper.make_graph(b.nodes, f"{prefix}forget_vector", [image], [out_info], b.tensors)
 
 
-def _require_finite(vector: ForgetVector) -> None:
-    bad = int(vector.delta.size - np.count_nonzero(np.isfinite(vector.delta)))
-    if bad:
-        raise InvalidInputError(f"forget vector {vector.vector_id} holds {bad} non-finite value(s); refusing it")
+def _id_output_nodes(image: str, vector_id: str, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """`vector_id` string [N, 1] with N the batch of `image`: Shape -> [N, 1] -> Expand a [1, 1] constant."""
+    nodes = [
+        helper.make_node("Shape", [image], [f"{prefix}batch_dim"], name=f"{prefix}batch_dim", start=0, end=1),
+        helper.make_node(
+            "Concat", [f"{prefix}batch_dim", f"{prefix}one"], [f"{prefix}id_shape"], name=f"{prefix}id_shape", axis=0
+        ),
+        helper.make_node("Expand", [f"{prefix}id", f"{prefix}id_shape"], [ID_OUTPUT], name=f"{prefix}id_expand"),
+    ]
+    tensors = [
+        helper.make_tensor(f"{prefix}id", TensorProto.STRING, [1, 1], [vector_id.encode()]),  # type: ignore[list-item]
+        numpy_helper.from_array(np.array([1], np.int64), f"{prefix}one"),
+    ]
+    return nodes, tensors
+
+
+def _id_output_info() -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(ID_OUTPUT, TensorProto.STRING, ["batch", 1])
 
 
 def _vector_json(vector: ForgetVector) -> str:
     return json.dumps(vector.describe(), sort_keys=True, default=str)
 
 
+def _input_space(normalized_input: NormalizedInput | None, pixel_range: Clamp) -> dict[str, object]:
+    space: dict[str, object] = {"space": "raw pixels", "pixel_range": list(pixel_range) if pixel_range else None}
+    if pixel_range is not None:
+        space["out_of_range"] = "NaN -> low end, then clipped to the pixel range, before delta is added"
+    if normalized_input is not None:
+        mean, std = normalized_input
+        space.update(space="normalised (x - mean) / std", mean=[float(m) for m in mean], std=[float(s) for s in std])
+    return space
+
+
 # -- fused graph ----------------------------------------------------------------------------------------
 
 
-def fuse_vector(
+def fuse_graph(
     model: onnx.ModelProto,
     vector: ForgetVector,
     *,
     input_name: str | None = None,
     normalized_input: NormalizedInput | None = None,
-    force: bool = False,
-    provider: str = "cpu",
+    pixel_range: Clamp = PIXEL_RANGE,
+    id_output: bool = False,
 ) -> onnx.ModelProto:
-    """A drop-in copy of `model` whose first nodes add the vector to its image input.
+    """A copy of `model` whose first nodes sanitise its image input and add the vector.
 
-    Inputs and outputs (names, shapes, types, order) stay those of `model`. For a
-    graph that takes normalised input, pass the pixel statistics it expects as
-    `normalized_input=(mean, std)`: delta/std is added then. Before fusing, the
-    unfused graph is run in onnxruntime on the vector's probe images and must give
-    the vector's recorded logits (a vector learned for another classifier is
-    refused with ModelMismatchError); `force=True` skips that check and records the
-    skip in the graph's metadata.
+    Inputs and outputs (names, shapes, types, order) stay those of `model`, so it is a
+    drop-in replacement; `id_output=True` appends a `vector_id` string output (which
+    changes the outputs: opt-in). For a graph that takes normalised input, pass the
+    pixel statistics it expects as `normalized_input=(mean, std)`. Structural refusals
+    only (shape, opset, already fused); whether the vector belongs to this classifier
+    is checked by `fv_serving.onnx.checked.fuse_vector`.
     """
-    _require_finite(vector)
     image = find_image_input(model, input_name)
     if vector.delta.shape != image.chw:
         raise ModelMismatchError(
@@ -185,27 +224,16 @@ def fuse_vector(
     opset = default_opset(model)
     if opset < MIN_FUSE_OPSET:
         raise OnnxGraphError(f"the graph uses opset {opset}; fusing needs opset >= {MIN_FUSE_OPSET}")
+    if id_output and ID_OUTPUT in {o.name for o in graph_outputs(model)}:
+        raise OnnxGraphError(f"the graph already has an output named {ID_OUTPUT!r}")
     check_normalized_input(normalized_input, image.chw[0])
-    check_model(model, "the classifier graph")
 
-    recorded = meta.get(f"{META_PREFIX}classifier_sha256")
-    forced: dict[str, object] | None = None
-    if force:
-        forced = {
-            "skipped": "classifier check (probe logits of the unfused graph vs the vector's fingerprint)",
-            "vector_classifier_sha256": vector.classifier.weights_sha256,
-            "graph_classifier_sha256": recorded,
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-    else:
-        if recorded is not None and recorded != vector.classifier.weights_sha256:
-            raise ModelMismatchError(
-                f"forget vector {vector.vector_id} was made for classifier {vector.classifier.short_id}, but the "
-                f"graph records classifier {recorded[:12]} in its metadata"
-            )
-        check_vector_matches(model, vector, input_name=image.name, normalized_input=normalized_input, provider=provider)
-
-    fused = _merge(model, vector, image, normalized_input)
+    fused = _merge(model, vector, image, normalized_input, pixel_range)
+    if id_output:
+        nodes, tensors = _id_output_nodes(image.name, vector.vector_id, _free_prefix(fused.graph))
+        fused.graph.node.extend(nodes)
+        fused.graph.initializer.extend(tensors)
+        fused.graph.output.append(_id_output_info())
     fused = with_metadata(
         fused,
         {
@@ -213,33 +241,29 @@ def fuse_vector(
             f"{META_PREFIX}vector_id": vector.vector_id,
             f"{META_PREFIX}vector": _vector_json(vector),
             f"{META_PREFIX}image_input": image.name,
-            f"{META_PREFIX}input_space": _input_space(normalized_input),
-            f"{META_PREFIX}classifier_check": "skipped (forced)" if forced else "passed (probe logits)",
-            **({f"{META_PREFIX}forced": forced} if forced else {}),
+            f"{META_PREFIX}input_space": _input_space(normalized_input, pixel_range),
+            f"{META_PREFIX}id_output": ID_OUTPUT if id_output else "none",
         },
     )
-    check_model(fused, "the fused graph")
-    if (graph_inputs(fused), graph_outputs(fused)) != (graph_inputs(model), graph_outputs(model)):
+    expected_outputs = (*graph_outputs(model), *graph_outputs(fused)[-1:]) if id_output else graph_outputs(model)
+    if (graph_inputs(fused), graph_outputs(fused)) != (graph_inputs(model), expected_outputs):
         raise OnnxGraphError("internal error: fusing changed the graph's inputs or outputs")
     return fused
 
 
-def _input_space(normalized_input: NormalizedInput | None) -> dict[str, object]:
-    if normalized_input is None:
-        return {"space": "raw pixels in [0,1]"}
-    mean, std = normalized_input
-    return {"space": "normalised (x - mean) / std", "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
-
-
 def _merge(
-    model: onnx.ModelProto, vector: ForgetVector, image: ImageInput, normalized_input: NormalizedInput | None
+    model: onnx.ModelProto,
+    vector: ForgetVector,
+    image: ImageInput,
+    normalized_input: NormalizedInput | None,
+    pixel_range: Clamp,
 ) -> onnx.ModelProto:
     opset = default_opset(model)
     prefix = _free_prefix(model.graph)
     output = f"{prefix}image_fv"
     image_info = next(v for v in model.graph.input if v.name == image.name)
     step = helper.make_model(
-        _perturbation_graph(vector, image_info, image.elem_type, output, prefix, opset, normalized_input),
+        _perturbation_graph(vector, image_info, image.elem_type, output, prefix, normalized_input, pixel_range),
         opset_imports=[helper.make_opsetid("", opset)],
         ir_version=model.ir_version,
     )
@@ -274,34 +298,29 @@ def _merge(
 
 
 def forget_step_graph(
-    source: ForgetVector | BankSource | None,
+    vector: ForgetVector | None,
     shape: tuple[int, int, int] | None = None,
     *,
     opset: int = DEFAULT_OPSET,
+    pixel_range: Clamp = PIXEL_RANGE,
 ) -> onnx.ModelProto:
-    """The forget step alone, `image` [N,C,H,W] float32 -> `image_fv`, for the Triton ensemble.
+    """The forget step alone for the Triton ensemble: `image` [N,C,H,W] float32 -> `image_fv`, `vector_id` [N,1].
 
-    `source` is a vector, a (bank, coefficients) pair, or None for the identity
-    ("off") step, which needs `shape` = (C,H,W).
-
-    Bank arithmetic happens here, at export: combine(bank, w) is baked into ONE
-    initializer, so the step stays a single Add (+ clamp) whatever the bank size.
-    Why not ship the bank and take w as an input or a second initializer: (1) a
-    runtime input lets any caller pick w = 0 and bypass unlearning; (2) the bank
-    (K vectors: 600 MB for 1000 classes at 3x224x224) would sit in server memory
-    and be multiplied on every request; (3) changing w must be a published,
-    versioned, auditable event anyway, and a new forget_step version (atomic,
-    metadata naming the coefficients) is exactly that, with the classifier untouched.
+    `vector` None is the identity ("off") step (input still sanitised), which needs
+    `shape` = (C,H,W). A bank composition arrives here already combined into one
+    vector (`fv_serving.arithmetic.compose`), so the step stays a single Add (+ clamp)
+    whatever the bank size. Why not ship the bank and take w as an input: (1) a runtime
+    input lets any caller pick w = 0 and bypass unlearning; (2) the bank (600 MB for
+    1000 classes at 3x224x224) would sit in server memory and be multiplied on every
+    request; (3) changing w must be a published, versioned, auditable event anyway,
+    and a new forget_step version is exactly that, with the classifier untouched.
     """
-    if source is None:
+    if vector is None:
         if shape is None:
             raise InvalidInputError("the identity (off) forget step needs the image shape (C, H, W)")
-        vector: ForgetVector | None = None
         chw = tuple(int(s) for s in shape)
     else:
-        vector = source if isinstance(source, ForgetVector) else vector_from_bank(*source, "coefficients")
-        _require_finite(vector)
-        chw = vector.delta.shape
+        chw = tuple(int(s) for s in vector.delta.shape)
         if shape is not None and tuple(shape) != chw:
             raise InvalidInputError(f"shape {list(shape)} differs from the vector's shape {list(chw)}")
     if len(chw) != 3 or min(chw) < 1:
@@ -309,32 +328,25 @@ def forget_step_graph(
     if opset < 11:
         raise InvalidInputError(f"the forget step is written for opset >= 11 (Clip with tensor bounds), got {opset}")
     image = helper.make_tensor_value_info(STEP_INPUT, TensorProto.FLOAT, ["batch", *chw])
-    if vector is None:
-        output = helper.make_tensor_value_info(STEP_OUTPUT, TensorProto.FLOAT, ["batch", *chw])
-        graph = helper.make_graph(
-            [helper.make_node("Identity", [STEP_INPUT], [STEP_OUTPUT], name="fv_off")],
-            "forget_step_off",
-            [image],
-            [output],
-        )
-    else:
-        graph = _perturbation_graph(vector, image, TensorProto.FLOAT, STEP_OUTPUT, "fv_", opset, None)
-        graph.name = "forget_step"
+    graph = _perturbation_graph(vector, image, TensorProto.FLOAT, STEP_OUTPUT, "fv_", None, pixel_range)
+    graph.name = "forget_step" if vector is not None else "forget_step_off"
+    vector_id = vector.vector_id if vector is not None else OFF_ID
+    nodes, tensors = _id_output_nodes(STEP_INPUT, vector_id, "fv_")
+    graph.node.extend(nodes)
+    graph.initializer.extend(tensors)
+    graph.output.append(_id_output_info())
     imports = [helper.make_opsetid("", opset)]
     model = helper.make_model(
-        graph,
-        opset_imports=imports,
-        ir_version=helper.find_min_ir_version_for(imports),
-        producer_name="fv-serving",
+        graph, opset_imports=imports, ir_version=helper.find_min_ir_version_for(imports), producer_name="fv-serving"
     )
-    props: dict[str, object] = {f"{META_PREFIX}kind": "forget_step", f"{META_PREFIX}pixel_space": "raw pixels in [0,1]"}
-    if vector is None:
-        props[f"{META_PREFIX}vector_id"] = OFF_ID
-        props[f"{META_PREFIX}vector"] = json.dumps({"vector_id": OFF_ID, "shape": list(chw)})
-    else:
-        props[f"{META_PREFIX}vector_id"] = vector.vector_id
-        props[f"{META_PREFIX}vector"] = _vector_json(vector)
+    props: dict[str, object] = {
+        f"{META_PREFIX}kind": "forget_step",
+        f"{META_PREFIX}vector_id": vector_id,
+        f"{META_PREFIX}input_space": _input_space(None, pixel_range),
+        f"{META_PREFIX}vector": _vector_json(vector)
+        if vector is not None
+        else json.dumps({"vector_id": OFF_ID, "shape": list(chw)}),
+    }
+    if vector is not None:
         props[f"{META_PREFIX}classifier_sha256"] = vector.classifier.weights_sha256
-    model = with_metadata(model, props)
-    check_model(model, "the forget step graph")
-    return model
+    return with_metadata(model, props)

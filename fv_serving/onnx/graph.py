@@ -32,6 +32,14 @@ META_PREFIX = "fv_serving."
 #: implements opset >= 18 only; 18 loads in onnxruntime >= 1.14 (Triton containers >= 23.04).
 DEFAULT_OPSET = 18
 
+#: Tensor names of the standalone forget step (the Triton ensemble maps them).
+STEP_INPUT = "image"
+STEP_OUTPUT = "image_fv"
+#: The extra output that names the vector in every answer: one string per batch item, shape [N, 1].
+ID_OUTPUT = "vector_id"
+#: Id recorded for the identity ("off") forget step.
+OFF_ID = "off"
+
 Dim = int | str  # a static size, or the symbolic name of a dynamic one ("?" when unnamed)
 
 

@@ -18,8 +18,8 @@ import onnx
 import onnxruntime as ort
 
 from fv_serving.errors import InvalidInputError, ModelMismatchError, OnnxGraphError
-from fv_serving.onnx.graph import ImageInput, find_image_input, graph_inputs
-from fv_serving.perturbation import Clamp, apply_delta
+from fv_serving.onnx.graph import OFF_ID, STEP_INPUT, ImageInput, find_image_input, graph_inputs
+from fv_serving.perturbation import Clamp, apply_delta, sanitize
 from fv_serving.vectors import ForgetVector
 
 PROVIDERS: dict[str, list[str]] = {
@@ -205,8 +205,11 @@ def verify_fused(
 def verify_forget_step(
     step: onnx.ModelProto, vector: ForgetVector | None, pixels: np.ndarray, provider: str = "cpu"
 ) -> float:
-    """The forget step graph gives apply_delta(x, delta, clamp) (or x itself for the "off" step), exactly."""
+    """The forget step gives apply_delta(x, delta, clamp) (sanitised x for the "off" step), exactly, and its id."""
     session = make_session(step, provider)
-    actual = np.asarray(session.run(None, {"image": np.ascontiguousarray(pixels, np.float32)})[0])
-    expected = pixels if vector is None else perturb(pixels, vector.delta, vector.clamp)
-    return require_close(actual, expected, 0.0, "forget step graph vs apply_delta")
+    perturbed, ids = session.run(None, {STEP_INPUT: np.ascontiguousarray(pixels, np.float32)})
+    expected = sanitize(pixels) if vector is None else perturb(pixels, vector.delta, vector.clamp)
+    expected_id = OFF_ID if vector is None else vector.vector_id
+    if ids.shape != (len(pixels), 1) or any(str(v) != expected_id for v in ids.ravel()):
+        raise OnnxGraphError(f"forget step graph names {set(ids.ravel())} per image, expected {expected_id!r}")
+    return require_close(np.asarray(perturbed), expected, 0.0, "forget step graph vs apply_delta")

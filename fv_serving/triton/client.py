@@ -26,6 +26,8 @@ from tritonclient.grpc.model_config_pb2 import ModelConfig
 from tritonclient.utils import InferenceServerException
 
 from fv_serving.errors import InvalidInputError, ServerError
+from fv_serving.onnx.graph import ID_OUTPUT
+from fv_serving.triton.control import ADMIN_HEADER, GRPC_ADMIN_HEADER
 from fv_serving.triton.model_config import TensorSpec
 
 Protocol = Literal["http", "grpc"]
@@ -95,7 +97,9 @@ class TritonClient:
     server wait (up to its exit timeout) on shutdown.
     """
 
-    def __init__(self, url: str, protocol: Protocol | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, url: str, protocol: Protocol | None = None, timeout_s: float = 60.0, admin_key: str | None = None
+    ) -> None:
         scheme, sep, address = url.partition("://")
         if not sep:
             scheme, address = protocol or "http", url
@@ -106,6 +110,9 @@ class TritonClient:
         self.url = f"{scheme}://{address}"
         self.protocol: Protocol = "grpc" if scheme == "grpc" else "http"
         self.timeout_s = timeout_s
+        # The model-control key travels on every call: harmless on open APIs, needed on locked ones.
+        header = GRPC_ADMIN_HEADER if self.protocol == "grpc" else ADMIN_HEADER
+        self._headers = {header: admin_key} if admin_key else None
         self._io: dict[str, ModelIO] = {}
         self._client: Any
         if self.protocol == "grpc":
@@ -127,37 +134,45 @@ class TritonClient:
     # health and model control
 
     def is_server_ready(self) -> bool:
-        return bool(self._call("server", lambda: self._client.is_server_ready()))
+        return bool(self._call("server", lambda: self._client.is_server_ready(headers=self._headers)))
 
     def is_model_ready(self, model_name: str, version: str = "") -> bool:
-        return bool(self._call(model_name, lambda: self._client.is_model_ready(model_name, version)))
+        return bool(
+            self._call(model_name, lambda: self._client.is_model_ready(model_name, version, headers=self._headers))
+        )
 
-    def load_model(self, model_name: str) -> None:
-        """Ask the server to (re)load a model from its repository; returns when it is done.
+    def load_model(self, model_name: str, config: ModelConfig | None = None) -> None:
+        """Ask the server to (re)load a model; returns when it is done.
 
-        A no-op if nothing changed on disk. For a forget step with a latest-1 version
-        policy, a newly published version replaces the old one; requests keep being
-        served by the old version until the new one is ready.
+        With `config`, Triton loads the repository's files under that config instead of
+        config.pbtxt (not persisted: a restart reads config.pbtxt again). A switch uses it
+        to load a version before the repository pins it. A no-op if nothing changed;
+        requests keep being served by the old version until the new one is ready.
         """
         self._io.pop(model_name, None)
-        self._call(model_name, lambda: self._client.load_model(model_name))
+        text = json_format.MessageToJson(config, preserving_proto_field_name=True) if config is not None else None
+        self._call(model_name, lambda: self._client.load_model(model_name, headers=self._headers, config=text))
 
     def unload_model(self, model_name: str) -> None:
         self._io.pop(model_name, None)
-        self._call(model_name, lambda: self._client.unload_model(model_name))
+        self._call(model_name, lambda: self._client.unload_model(model_name, headers=self._headers))
 
     # metadata
 
     def model_config(self, model_name: str) -> ModelConfig:
         """The config the server actually uses (with its defaults filled in)."""
-        data = self._call(model_name, lambda: self._client.get_model_config(model_name, **self._as_json))
+        data = self._call(
+            model_name, lambda: self._client.get_model_config(model_name, headers=self._headers, **self._as_json)
+        )
         config = data.get("config", data)  # gRPC wraps it in {"config": ...}
         return json_format.ParseDict(config, ModelConfig(), ignore_unknown_fields=True)
 
     def model_io(self, model_name: str) -> ModelIO:
         """Input/output names, types and dims from the server's model metadata (cached)."""
         if model_name not in self._io:
-            meta = self._call(model_name, lambda: self._client.get_model_metadata(model_name, **self._as_json))
+            meta = self._call(
+                model_name, lambda: self._client.get_model_metadata(model_name, headers=self._headers, **self._as_json)
+            )
             self._io[model_name] = ModelIO(
                 name=model_name,
                 inputs=tuple(_spec(t) for t in meta.get("inputs", [])),
@@ -168,7 +183,9 @@ class TritonClient:
 
     def repository_index(self) -> list[ModelIndexEntry]:
         """Every model of the repository with its loaded version and state."""
-        data = self._call("repository", lambda: self._client.get_model_repository_index(**self._as_json))
+        data = self._call(
+            "repository", lambda: self._client.get_model_repository_index(headers=self._headers, **self._as_json)
+        )
         rows = data.get("models", []) if isinstance(data, dict) else data
         return [
             ModelIndexEntry(r["name"], str(r.get("version", "")), r.get("state", ""), r.get("reason", "")) for r in rows
@@ -177,33 +194,55 @@ class TritonClient:
     def model_statistics(self, model_name: str = "") -> list[ModelStats]:
         """Statistics of every loaded version of `model_name` (of every model if empty)."""
         data = self._call(
-            model_name or "server", lambda: self._client.get_inference_statistics(model_name, **self._as_json)
+            model_name or "server",
+            lambda: self._client.get_inference_statistics(model_name, headers=self._headers, **self._as_json),
         )
         return [_stats(s) for s in data.get("model_stats", [])]
 
     # inference
 
     def infer(self, model_name: str, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
-        """Run a batching single-input, single-output model over `images` [N, ...]; return [N, ...].
+        """Run a batching single-input model over `images` [N, ...]; return its (non-id) output [N, ...].
 
         The array is sent in chunks of `batch_size` (default and upper bound: the
         model's max_batch_size). Shape and dtype are checked against the model's
         metadata before anything is sent.
         """
+        return self._infer_chunks(model_name, images, batch_size)[0]
+
+    def infer_with_ids(
+        self, model_name: str, images: np.ndarray, batch_size: int | None = None
+    ) -> tuple[np.ndarray, list[str]]:
+        """Logits [N, K] and the id of the vector that produced each answer (models with a `vector_id` output)."""
+        logits, ids = self._infer_chunks(model_name, images, batch_size)
+        if ids is None:
+            raise InvalidInputError(f"{model_name}: has no {ID_OUTPUT!r} output, so answers do not name a vector")
+        return logits, ids
+
+    def _infer_chunks(
+        self, model_name: str, images: np.ndarray, batch_size: int | None
+    ) -> tuple[np.ndarray, list[str] | None]:
         io = self.model_io(model_name)
-        if len(io.inputs) != 1 or len(io.outputs) != 1 or io.max_batch_size < 1:
+        outputs = [t.name for t in io.outputs if t.name != ID_OUTPUT]
+        if len(io.inputs) != 1 or len(outputs) != 1 or io.max_batch_size < 1:
             raise InvalidInputError(
-                f"{model_name}: infer() serves batching single-input single-output models; this one has "
-                f"inputs {[t.name for t in io.inputs]}, outputs {[t.name for t in io.outputs]} and "
+                f"{model_name}: infer() serves batching single-input single-output models (+ {ID_OUTPUT}); this "
+                f"one has inputs {[t.name for t in io.inputs]}, outputs {[t.name for t in io.outputs]} and "
                 f"max_batch_size {io.max_batch_size} (use infer_raw)"
             )
-        spec, output = io.inputs[0], io.outputs[0]
+        spec = io.inputs[0]
         _check_batch(model_name, spec, images)
         size = io.max_batch_size if batch_size is None else batch_size
         if not 1 <= size <= io.max_batch_size:
             raise InvalidInputError(f"{model_name}: batch_size must be in 1..{io.max_batch_size}, got {size}")
-        chunks = [images[start : start + size] for start in range(0, len(images), size)]
-        return np.concatenate([self.infer_raw(model_name, {spec.name: c})[output.name] for c in chunks])
+        named = len(io.outputs) > 1
+        logits, ids = [], []
+        for start in range(0, len(images), size):
+            out = self.infer_raw(model_name, {spec.name: images[start : start + size]})
+            logits.append(out[outputs[0]])
+            if named:
+                ids += [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(out[ID_OUTPUT]).ravel()]
+        return np.concatenate(logits), (ids if named else None)
 
     def infer_raw(self, model_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request exactly as given (no checks, no splitting); every output by name."""
@@ -217,7 +256,9 @@ class TritonClient:
             tensor.set_data_from_numpy(np.ascontiguousarray(array))
             tensors.append(tensor)
         kwargs: dict[str, Any] = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
-        result = self._call(model_name, lambda: self._client.infer(model_name, tensors, **kwargs))
+        result = self._call(
+            model_name, lambda: self._client.infer(model_name, tensors, headers=self._headers, **kwargs)
+        )
         response = result.get_response(as_json=True) if self.protocol == "grpc" else result.get_response()
         return {out["name"]: result.as_numpy(out["name"]) for out in response.get("outputs", [])}
 
@@ -228,12 +269,21 @@ class TritonClient:
         return {"as_json": True} if self.protocol == "grpc" else {}
 
     def _call(self, what: str, call: Any) -> Any:
+        """Every failure of a call becomes one of ours: callers (a switch's rollback) rely on it.
+
+        tritonclient raises InferenceServerException for answers, but a transport that
+        breaks mid-call surfaces as whatever its library raises (geventhttpclient's
+        HTTPConnectionClosed, gevent's LoopExit, socket errors...): all mean "the server
+        could not be reached or stopped answering".
+        """
         try:
             return call()
         except InferenceServerException as exc:
             raise InferenceError(f"{what}: {_describe(exc)} (server {self.url})") from exc
-        except (ConnectionError, OSError) as exc:
-            raise ServerError(f"{what}: cannot reach Triton at {self.url}: {exc}") from exc
+        except Exception as exc:
+            raise ServerError(
+                f"{what}: lost the connection to Triton at {self.url}: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def _describe(exc: InferenceServerException) -> str:

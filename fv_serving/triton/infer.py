@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fv_serving.datasets import read_arrays
 from fv_serving.errors import DataNotFoundError, FileFormatError, InvalidInputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -89,16 +90,11 @@ def dataset_sample(
     name: str, count: int, data_root: str | Path | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The first `count` test images of a data set (pixels, labels, class names): same images every run."""
-    import torch
-
-    from fv_serving.data import load_dataset, to_numpy_images
-
     if count < 1:
         raise InvalidInputError(f"count must be >= 1, got {count}")
-    data = load_dataset(name, data_root)
-    n = min(count, len(data.test))
-    indices = torch.arange(n)
-    return to_numpy_images(data.test, indices), data.test.labels[:n].numpy(), list(data.class_names)
+    data = read_arrays(name, data_root)
+    n = min(count, len(data.test_labels))
+    return data.test_images[:n].astype(np.float32) / 255.0, data.test_labels[:n], list(data.class_names)
 
 
 @dataclass(frozen=True)

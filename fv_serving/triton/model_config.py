@@ -7,8 +7,9 @@ protobuf's text format and parsed back by `parse_config`, which also checks the
 rules the schema alone cannot express (an ensemble has no instance group, every
 tensor it routes is produced somewhere, its batch limit fits its steps...).
 
-Tensor data types are named with Triton's wire names ("FP32", "INT64"): the names
-tritonclient and the model metadata endpoint use. The config enum is "TYPE_" + name.
+Tensor data types are named with Triton's wire names ("FP32", "INT64", "BYTES"): the
+names tritonclient and the model metadata endpoint use. The config enum is "TYPE_" +
+name, except for strings: wire "BYTES" is config TYPE_STRING.
 """
 
 from __future__ import annotations
@@ -32,6 +33,21 @@ DEVICES: tuple[Device, ...] = ("cpu", "gpu")
 CONFIG_FILENAME = "config.pbtxt"
 ONNX_FILENAME = "model.onnx"
 
+#: Wire names whose config enum is not "TYPE_" + name.
+_CONFIG_TYPE_EXCEPTIONS = {"BYTES": "TYPE_STRING"}
+
+
+def config_type(datatype: str) -> int:
+    """The config enum value (mc.TYPE_FP32...) of a wire type name ("FP32", "BYTES"...)."""
+    return int(mc.DataType.Value(_CONFIG_TYPE_EXCEPTIONS.get(datatype, f"TYPE_{datatype}")))
+
+
+def wire_type(data_type: int) -> str:
+    """The wire name of a config enum value (the inverse of `config_type`)."""
+    name = mc.DataType.Name(data_type)
+    return next((wire for wire, enum in _CONFIG_TYPE_EXCEPTIONS.items() if enum == name), name.removeprefix("TYPE_"))
+
+
 #: The parameter keys the ORT runner (triton_models/ort_runner/model.py) reads.
 RUNNER_ONNX_FILE_KEY = "onnx_file"
 RUNNER_THREADS_KEY = "intra_op_threads"
@@ -51,10 +67,14 @@ class TensorSpec:
     def __post_init__(self) -> None:
         if not self.name:
             raise InvalidInputError("tensor name must not be empty")
-        if f"TYPE_{self.datatype}" not in mc.DataType.keys()[1:]:
+        try:
+            known = config_type(self.datatype) != mc.TYPE_INVALID
+        except ValueError:
+            known = False
+        if not known:
             raise InvalidInputError(
                 f"tensor {self.name!r}: unknown Triton data type {self.datatype!r}; "
-                f"expected one of {', '.join(k[5:] for k in mc.DataType.keys()[1:])}"
+                f"expected one of {', '.join(wire_type(v) for v in mc.DataType.values()[1:])}"
             )
         if any(d == 0 or d < -1 for d in self.dims):
             raise InvalidInputError(f"tensor {self.name!r}: dims must be positive or -1, got {self.dims}")
@@ -84,14 +104,15 @@ def onnx_step_config(
     max_batch_size: int = 64,
     instance_count: int = 1,
     intra_op_threads: int = 1,
-    keep_latest_versions: int | None = None,
+    served_versions: Sequence[int] | None = None,
 ) -> mc.ModelConfig:
     """Config of one ONNX graph served either by Triton's onnxruntime backend or by the ORT runner.
 
     Both forms share the IO, batching and instance settings, so an ensemble over them
     is identical. Dynamic batching without queue delay: on a few cores waiting for a
-    fuller batch costs more latency than it saves. `keep_latest_versions=1` makes a
-    newly written version folder replace the old one on the next load_model.
+    fuller batch costs more latency than it saves. `served_versions` pins the versions
+    Triton may load (version_policy specific): a version folder that is not listed is
+    never served, however new, which is what makes an unconfirmed switch harmless.
     """
     _check_choice("runtime", runtime, RUNTIMES)
     _check_choice("device", device, DEVICES)
@@ -106,9 +127,8 @@ def onnx_step_config(
     config.dynamic_batching.max_queue_delay_microseconds = 0
     kind = mc.ModelInstanceGroup.KIND_GPU if device == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=instance_count)
-    if keep_latest_versions is not None:
-        _check_positive("keep_latest_versions", keep_latest_versions)
-        config.version_policy.latest.num_versions = keep_latest_versions
+    if served_versions is not None:
+        pin_versions(config, served_versions)
 
     if runtime == "onnxruntime":
         config.backend = "onnxruntime"
@@ -120,6 +140,21 @@ def onnx_step_config(
         _set_parameter(config, RUNNER_ONNX_FILE_KEY, ONNX_FILENAME)
         _set_parameter(config, RUNNER_THREADS_KEY, str(intra_op_threads))
     return config
+
+
+def pin_versions(config: mc.ModelConfig, versions: Sequence[int]) -> mc.ModelConfig:
+    """Set version_policy specific {versions} in place (and return the config)."""
+    if not versions or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in versions):
+        raise InvalidInputError(f"served versions must be positive integers, got {list(versions)}")
+    config.version_policy.specific.versions[:] = sorted(set(versions))
+    return config
+
+
+def pinned_versions(config: mc.ModelConfig) -> tuple[int, ...]:
+    """The versions of a version_policy specific config (empty for latest/all policies)."""
+    if config.version_policy.WhichOneof("policy_choice") != "specific":
+        return ()
+    return tuple(int(v) for v in config.version_policy.specific.versions)
 
 
 def ensemble_config(
@@ -218,16 +253,14 @@ def check_ensemble_steps(ensemble: mc.ModelConfig, composing: Mapping[str, mc.Mo
 
 def tensor_specs(tensors: Iterable[mc.ModelInput] | Iterable[mc.ModelOutput]) -> tuple[TensorSpec, ...]:
     """Config inputs or outputs back as TensorSpecs."""
-    return tuple(
-        TensorSpec(t.name, mc.DataType.Name(t.data_type).removeprefix("TYPE_"), tuple(t.dims)) for t in tensors
-    )
+    return tuple(TensorSpec(t.name, wire_type(t.data_type), tuple(t.dims)) for t in tensors)
 
 
 # -- helpers -----------------------------------------------------------------------------------------
 
 
 def _tensor(spec: TensorSpec, cls: type[mc.ModelInput] | type[mc.ModelOutput]) -> mc.ModelInput:
-    return cls(name=spec.name, data_type=mc.DataType.Value(f"TYPE_{spec.datatype}"), dims=list(spec.dims))
+    return cls(name=spec.name, data_type=config_type(spec.datatype), dims=list(spec.dims))
 
 
 def _set_parameter(config: mc.ModelConfig, key: str, value: str) -> None:

@@ -4,14 +4,20 @@ Layout (`runtime="python"` adds the ORT runner's model.py to each ONNX version f
 
     <repo>/classifier/config.pbtxt, 1/model.onnx
     <repo>/forget_step/config.pbtxt, <n>/model.onnx, <n>/forget_step.json
-    <repo>/unlearned/config.pbtxt, 1/            (ensemble forget_step -> classifier)
+    <repo>/unlearned/config.pbtxt, 1/            (ensemble forget_step -> classifier, + vector_id)
     <repo>/fused/config.pbtxt, 1/model.onnx      (optional: delta baked into the classifier)
+    <repo>/deployment.json, journal.jsonl        (what was built; every switch, append-only)
 
 Tensor names, data types and dims come from the ONNX graphs themselves; the first
-dim of every tensor is the dynamic batch. A forget vector is switched by publishing
-a new numbered forget_step version folder (atomically) and asking Triton to load
-the model again: its version policy keeps only the latest, the classifier is
-untouched. Version folders are never rewritten.
+dim of every tensor is the dynamic batch. Version folders are never rewritten.
+
+Which forget_step version serves is written in ONE place: the version_policy of
+forget_step/config.pbtxt (`specific { versions: [n] }`), the CONFIRMED version. A
+switch publishes folder n+1, has Triton load it through a config override, checks
+it serves, and only then rewrites config.pbtxt (atomically, fsynced). So a newer
+folder is never served by a (re)started Triton until it was confirmed; folders of
+switches that never got there are renamed `set-aside-<n>-<time>` (Triton ignores
+non-numeric version folders) by the next switch or start.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,8 +36,9 @@ from typing import Any
 import onnx
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
-from fv_serving.atomic import atomic_directory, default_mode, write_bytes_atomic, write_json_atomic
+from fv_serving.atomic import atomic_directory, default_mode, fsync_path, write_bytes_atomic, write_json_atomic
 from fv_serving.errors import DataNotFoundError, InvalidInputError, OnnxGraphError
+from fv_serving.onnx.graph import ID_OUTPUT
 from fv_serving.triton import model_config as mcfg
 from fv_serving.triton.model_config import Device, EnsembleStep, Runtime, TensorSpec
 
@@ -45,6 +53,8 @@ RUNNER_FILENAME = "model.py"
 METADATA_FILENAME = "forget_step.json"
 #: Ensemble-wide name of the perturbed image passed from the forget step to the classifier.
 PERTURBED_TENSOR = "fv_perturbed_input"
+#: Prefix of forget_step folders of unconfirmed switches (never served: not a version number).
+SET_ASIDE_PREFIX = "set-aside-"
 
 OnnxSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 
@@ -62,6 +72,7 @@ _ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.UINT32: "UINT32",
     onnx.TensorProto.UINT64: "UINT64",
     onnx.TensorProto.BOOL: "BOOL",
+    onnx.TensorProto.STRING: "BYTES",
 }
 
 
@@ -119,12 +130,12 @@ def build_repository(
     forget_step = _load_graph(forget_step_onnx, "forget step")
     fused = _load_graph(fused_onnx, "fused graph") if fused_onnx is not None else None
     _check_single_io(classifier.signature, "classifier")
-    _check_single_io(forget_step.signature, "forget step")
+    _check_step_io(forget_step.signature)
     _check_chain(forget_step.signature, classifier.signature)
     if fused is not None:
         _check_same_io(fused.signature, classifier.signature)
 
-    def step_config(name: str, signature: GraphSignature, keep_latest: int | None = None) -> ModelConfig:
+    def step_config(name: str, signature: GraphSignature, pinned: tuple[int, ...] | None = None) -> ModelConfig:
         return mcfg.onnx_step_config(
             name,
             signature.inputs,
@@ -134,13 +145,13 @@ def build_repository(
             max_batch_size=max_batch_size,
             instance_count=instance_count,
             intra_op_threads=intra_op_threads,
-            keep_latest_versions=keep_latest,
+            served_versions=pinned,
         )
 
     configs = {
         CLASSIFIER_MODEL: step_config(CLASSIFIER_MODEL, classifier.signature),
-        # latest-1 policy: a newly published version replaces the old one on load_model
-        FORGET_STEP_MODEL: step_config(FORGET_STEP_MODEL, forget_step.signature, keep_latest=1),
+        # pinned to the confirmed version: see the module docstring
+        FORGET_STEP_MODEL: step_config(FORGET_STEP_MODEL, forget_step.signature, pinned=(1,)),
         ENSEMBLE_MODEL: _ensemble(forget_step.signature, classifier.signature, max_batch_size),
     }
     mcfg.check_ensemble_steps(configs[ENSEMBLE_MODEL], configs)
@@ -186,7 +197,7 @@ def publish_forget_step_version(
         )
     runtime: Runtime = "python" if config.backend == "python" else "onnxruntime"
     for _ in range(5):  # another publisher may take the same number first
-        version = max(list_forget_step_versions(repo_dir), default=0) + 1
+        version = max(_used_version_numbers(model_dir), default=0) + 1
         try:
             _write_version(model_dir / str(version), graph.data, runtime, metadata or {})
         except FileExistsError:
@@ -203,18 +214,79 @@ def list_forget_step_versions(repo_dir: str | os.PathLike[str]) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def prune_forget_step_versions(repo_dir: str | os.PathLike[str], keep: int = 2) -> list[int]:
-    """Delete all but the newest `keep` forget_step version folders; return the deleted numbers.
+def _used_version_numbers(model_dir: Path) -> list[int]:
+    """Numbers of published AND set-aside folders: a number once used is never handed out again."""
+    used = []
+    for p in model_dir.iterdir():
+        name = p.name.removeprefix(SET_ASIDE_PREFIX)
+        number = name.split("-", 1)[0]
+        if p.is_dir() and number.isdigit():
+            used.append(int(number))
+    return used
 
-    Triton serves only the latest version (version policy latest 1), so older folders
-    are history. Keeping at least two leaves the previous vector at hand for a rollback.
+
+def confirmed_version(repo_dir: str | os.PathLike[str]) -> int:
+    """The forget_step version the repository's config pins: what any (re)started Triton serves."""
+    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+    pinned = mcfg.pinned_versions(mcfg.read_config(model_dir))
+    if len(pinned) != 1:
+        raise InvalidInputError(
+            f"{model_dir / mcfg.CONFIG_FILENAME} must pin exactly one version (version_policy specific), got "
+            f"{list(pinned) or 'no specific policy'}: not a repository written by this fv-serving"
+        )
+    return pinned[0]
+
+
+def forget_step_config(repo_dir: str | os.PathLike[str], version: int) -> ModelConfig:
+    """forget_step's config with `version` pinned: what a switch loads through a config override."""
+    return mcfg.pin_versions(mcfg.read_config(Path(repo_dir) / FORGET_STEP_MODEL), [version])
+
+
+def confirm_version(repo_dir: str | os.PathLike[str], version: int) -> None:
+    """Pin `version` in forget_step/config.pbtxt (atomic, fsynced): from now on it is what a start serves."""
+    if version not in list_forget_step_versions(repo_dir):
+        raise InvalidInputError(f"{repo_dir}: forget_step has no version folder {version} to confirm")
+    mcfg.write_config(Path(repo_dir) / FORGET_STEP_MODEL, forget_step_config(repo_dir, version))
+
+
+def set_aside_version(repo_dir: str | os.PathLike[str], version: int) -> Path:
+    """Rename an unconfirmed version folder out of Triton's reach (kept for inspection; pruned later)."""
+    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    target = model_dir / f"{SET_ASIDE_PREFIX}{version}-{stamp}"
+    os.rename(model_dir / str(version), target)
+    fsync_path(model_dir)
+    return target
+
+
+def remove_temp_folders(repo_dir: str | os.PathLike[str]) -> list[Path]:
+    """Delete the `.<n>.*.tmp` folders of version writes that were killed mid-way (the caller holds the lock)."""
+    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+    doomed = [p for p in model_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def prune_forget_step_versions(repo_dir: str | os.PathLike[str], keep: int = 2) -> list[str]:
+    """Keep the confirmed version and the newest others up to `keep` in all; keep `keep` set-aside folders.
+
+    Older folders are history: a previous vector at hand for a quick look back is
+    enough. Returns the names of the deleted folders.
     """
     if keep < 1:
         raise InvalidInputError(f"keep must be >= 1 (the served version stays), got {keep}")
-    versions = list_forget_step_versions(repo_dir)
-    doomed = versions[:-keep]
-    for version in doomed:
-        shutil.rmtree(Path(repo_dir) / FORGET_STEP_MODEL / str(version))
+    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+    confirmed = confirmed_version(repo_dir)
+    others = [v for v in list_forget_step_versions(repo_dir) if v != confirmed]
+    doomed = [str(v) for v in others[: max(0, len(others) - (keep - 1))]]
+    aside = sorted(
+        (p.name for p in model_dir.iterdir() if p.name.startswith(SET_ASIDE_PREFIX)),
+        key=lambda name: int(name.removeprefix(SET_ASIDE_PREFIX).split("-", 1)[0]),
+    )
+    doomed += aside[: max(0, len(aside) - keep)]
+    for name in doomed:
+        shutil.rmtree(model_dir / name)
     return doomed
 
 
@@ -305,6 +377,17 @@ def _check_single_io(signature: GraphSignature, what: str) -> None:
         raise OnnxGraphError(f"{what}: expected exactly one input and one output, got {_describe(signature)}")
 
 
+def _check_step_io(signature: GraphSignature) -> None:
+    """A forget step takes the image and returns the perturbed image and the vector id per item."""
+    outputs = signature.outputs
+    ok = len(signature.inputs) == 1 and len(outputs) == 2 and outputs[1] == TensorSpec(ID_OUTPUT, "BYTES", (1,))
+    if not ok:
+        raise OnnxGraphError(
+            f"forget step: expected one image input and outputs (perturbed image, {ID_OUTPUT} BYTES[1]), "
+            f"got {_describe(signature)}"
+        )
+
+
 def _check_chain(forget_step: GraphSignature, classifier: GraphSignature) -> None:
     """The forget step's output must be exactly what the classifier takes in."""
     out, into = forget_step.outputs[0], classifier.inputs[0]
@@ -322,10 +405,12 @@ def _check_chain(forget_step: GraphSignature, classifier: GraphSignature) -> Non
 
 
 def _check_same_io(fused: GraphSignature, classifier: GraphSignature) -> None:
-    if fused != classifier:
+    """The served fused graph: the classifier's inputs and outputs, plus the vector id per item."""
+    expected = GraphSignature(classifier.inputs, (*classifier.outputs, TensorSpec(ID_OUTPUT, "BYTES", (1,))))
+    if fused != expected:
         raise OnnxGraphError(
-            f"fused graph must be a drop-in for the classifier: expected {_describe(classifier)}, "
-            f"got {_describe(fused)}"
+            f"fused graph must take the classifier's inputs and give its outputs plus {ID_OUTPUT}: expected "
+            f"{_describe(expected)}, got {_describe(fused)}"
         )
 
 
@@ -340,16 +425,20 @@ def _describe(signature: GraphSignature) -> str:
 
 
 def _ensemble(forget_step: GraphSignature, classifier: GraphSignature, max_batch_size: int) -> ModelConfig:
-    """Ensemble `unlearned`: same input as the forget step, same output as the classifier."""
-    image, perturbed = forget_step.inputs[0], forget_step.outputs[0]
+    """Ensemble `unlearned`: the forget step's input; the classifier's output and the vector id per item."""
+    image, (perturbed, vector_id) = forget_step.inputs[0], forget_step.outputs
     into, logits = classifier.inputs[0], classifier.outputs[0]
-    if PERTURBED_TENSOR in (image.name, logits.name):
-        raise OnnxGraphError(f"tensor name {PERTURBED_TENSOR!r} is reserved for the ensemble's internal tensor")
+    if {PERTURBED_TENSOR, ID_OUTPUT} & {image.name, logits.name}:
+        raise OnnxGraphError(f"tensor names {PERTURBED_TENSOR!r} and {ID_OUTPUT!r} are reserved by the ensemble")
     steps = [
-        EnsembleStep(FORGET_STEP_MODEL, {image.name: image.name}, {perturbed.name: PERTURBED_TENSOR}),
+        EnsembleStep(
+            FORGET_STEP_MODEL,
+            {image.name: image.name},
+            {perturbed.name: PERTURBED_TENSOR, vector_id.name: vector_id.name},
+        ),
         EnsembleStep(CLASSIFIER_MODEL, {into.name: PERTURBED_TENSOR}, {logits.name: logits.name}),
     ]
-    return mcfg.ensemble_config(ENSEMBLE_MODEL, [image], [logits], steps, max_batch_size=max_batch_size)
+    return mcfg.ensemble_config(ENSEMBLE_MODEL, [image], [logits, vector_id], steps, max_batch_size=max_batch_size)
 
 
 def _write_version(

@@ -1,12 +1,13 @@
 """What a deployment serves right now, from the server's own answers plus the repository's records.
 
 The server says which forget_step version is READY (the active vector), which model
-versions are loaded and how often each ran; the repository says what that version
-holds (its sidecar JSON: vector id, forget spec, metrics, who published it and
-whether the classifier check was forced). Reading both is the only way to tell an
-operator "this exact vector is live": the repository alone may hold a version the
-server never loaded (a switch in progress or failed), and the server alone knows no
-vector ids.
+versions are loaded and how often each ran; the repository says which version is
+confirmed and what it holds (its sidecar JSON: vector id, forget spec, metrics, who
+published it, whether the classifier check was forced, an unmet stopping rule).
+Reading both is the only way to tell an operator "this exact vector is live": the
+repository alone may hold a version the server never loaded, and the server alone
+knows no vector ids. `problems` lists what must make `fv status` fail: a public or
+composing model that is not READY, or a served version that was never confirmed.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from fv_serving.errors import FVError, InvalidInputError
+from fv_serving.triton import journal
 from fv_serving.triton.client import TritonClient
-from fv_serving.triton.deploy import read_deployment
+from fv_serving.triton.deployment import read_deployment
 from fv_serving.triton.repository import (
     CLASSIFIER_MODEL,
     ENSEMBLE_MODEL,
     FORGET_STEP_MODEL,
-    FUSED_MODEL,
+    confirmed_version,
     list_forget_step_versions,
     read_forget_step_metadata,
 )
@@ -33,34 +35,46 @@ LIVE_STATES = ("READY", "LOADING", "UNLOADING")
 UNLOADED_REASON = "unloaded"
 
 
-def collect_status(url: str | None, repository: str | Path | None, state: ServerState | None = None) -> dict[str, Any]:
-    """Server health, active vector, loaded models and statistics as one JSON-able dict.
+def collect_status(
+    url: str | None,
+    repository: str | Path | None,
+    state: ServerState | None = None,
+    admin_key: str | None = None,
+) -> dict[str, Any]:
+    """Server health, active vector, loaded models, statistics and problems as one JSON-able dict.
 
     Works with a server only (no repository records), a repository only (what is
-    published, nothing about what is served), or both.
+    confirmed, nothing about what is served), or both. Index and statistics are
+    locked APIs: without the deployment's key they are reported as refused.
     """
     if url is None and repository is None:
         raise InvalidInputError("status needs a server URL, a repository, or a server run folder")
     repo = Path(repository) if repository is not None else None
-    out: dict[str, Any] = {"server": _server_part(url, state), "repository": None, "active": None}
+    out: dict[str, Any] = {"server": _server_part(url, state), "repository": None, "active": None, "problems": []}
     versions: list[int] = []
+    confirmed: int | None = None
     if repo is not None:
         versions = list_forget_step_versions(repo)
+        confirmed = confirmed_version(repo)
         out["repository"] = {
             "path": str(repo.absolute()),
             "published_versions": versions,
+            "confirmed_version": confirmed,
             "deployment": read_deployment(repo),
         }
     if url is None or not out["server"]["reachable"]:
-        if repo is not None and versions:  # what would be served: the latest published version
-            out["active"] = {"version": versions[-1], "served": None, **read_forget_step_metadata(repo, versions[-1])}
+        if url is not None:
+            out["problems"].append(f"the server at {url} is not reachable")
+        if repo is not None and confirmed is not None:  # what a start serves: the confirmed version
+            out["active"] = {"version": confirmed, "served": None, **read_forget_step_metadata(repo, confirmed)}
         return out
     try:
-        with TritonClient(url) as client:
+        with TritonClient(url, admin_key=admin_key) as client:
             index = client.repository_index()
             stats = client.model_statistics()
     except FVError as exc:
         out["server"]["error"] = str(exc)
+        out["problems"].append(f"cannot read the server's model index and statistics: {exc}")
         return out
     shown = [e for e in index if e.state in LIVE_STATES or e.reason not in ("", UNLOADED_REASON)]
     out["models"] = [{"name": e.name, "version": e.version, "state": e.state, "reason": e.reason} for e in shown]
@@ -77,15 +91,47 @@ def collect_status(url: str | None, repository: str | Path | None, state: Server
         }
         for s in stats
     ]
+    expected = (
+        [ENSEMBLE_MODEL, CLASSIFIER_MODEL, FORGET_STEP_MODEL]
+        if state is None
+        else sorted({*state.models, CLASSIFIER_MODEL, *([FORGET_STEP_MODEL] if ENSEMBLE_MODEL in state.models else [])})
+    )
+    ready_models = {e.name for e in index if e.state == "READY"}
+    out["problems"] += [f"model {name!r} is not READY" for name in expected if name not in ready_models]
     ready = [
         int(e.version) for e in index if e.name == FORGET_STEP_MODEL and e.state == "READY" and e.version.isdigit()
     ]
     if ready:
         version = max(ready)
         records = read_forget_step_metadata(repo, version) if repo is not None and version in versions else {}
-        latest = versions[-1] if versions else None
-        out["active"] = {"version": version, "served": True, "latest_published": latest, **records}
+        out["active"] = {"version": version, "served": True, "confirmed_version": confirmed, **records}
+        if confirmed is not None and version != confirmed:
+            out["problems"].append(
+                f"forget_step version {version} is served but version {confirmed} is the confirmed one (an "
+                "interrupted switch): the next switch or restart puts the confirmed version back"
+            )
     return out
+
+
+def history_lines(repository: str | Path, limit: int = 20) -> list[str]:
+    """The newest journal entries, one line each, for `fv status --history`."""
+    lines = []
+    for e in journal.read(repository)[-limit:]:
+        origin, target = e.get("from") or {}, e.get("to") or {}
+        parts = [f"{e.get('at', '?')}  {e.get('event', '?'):<11}", f"by {e.get('by', '?')}"]
+        if origin or target:
+            parts.append(
+                f"{origin.get('vector_id', '-')} (v{origin.get('version', '-')}) -> "
+                f"{target.get('vector_id', '-')} (v{target.get('version', '-')})"
+            )
+        if e.get("switch"):
+            parts.append(f"switch {e['switch']}")
+        if e.get("reason"):
+            parts.append(f"reason: {e['reason']}")
+        if e.get("confirmed"):
+            parts.append(f"confirmed now: {e['confirmed'].get('vector_id')} (v{e['confirmed'].get('version')})")
+        lines.append("  ".join(parts))
+    return lines
 
 
 def render_status(status: dict[str, Any]) -> list[str]:
@@ -105,7 +151,10 @@ def render_status(status: dict[str, Any]) -> list[str]:
     repo = status.get("repository")
     if repo:
         deployment = repo.get("deployment") or {}
-        lines.append(f"repo     {repo['path']} (forget_step versions on disk: {repo['published_versions']})")
+        lines.append(
+            f"repo     {repo['path']} (confirmed forget_step version {repo['confirmed_version']}; on disk: "
+            f"{repo['published_versions']})"
+        )
         if deployment:
             lines.append(
                 f"         runtime {deployment.get('runtime')} on {deployment.get('device')}, max batch "
@@ -129,24 +178,21 @@ def render_status(status: dict[str, Any]) -> list[str]:
             f"{s['execution_count']:>7}  ok {s['success']:>7}  failed {s['fail']:>4}  "
             f"last {s['last_inference']}{marker}"
         )
+    lines += [f"PROBLEM  {p}" for p in status.get("problems", [])]
     return lines
 
 
-def forgotten_classes(client: TritonClient, repository: str | Path, model: str) -> list[int]:
-    """Classes the answers of `model` should have forgotten: the served vector's for the ensemble,
-    the build-time vector's for the fused model, none for the bare classifier."""
-    forget: dict[str, Any] | None = None
-    if model == ENSEMBLE_MODEL:
-        ready = [
-            int(e.version)
-            for e in client.repository_index()
-            if e.name == FORGET_STEP_MODEL and e.state == "READY" and e.version.isdigit()
-        ]
-        if ready and max(ready) in list_forget_step_versions(repository):
-            forget = read_forget_step_metadata(repository, max(ready)).get("forget")
-    elif model == FUSED_MODEL:
-        forget = (read_deployment(repository).get("initial_vector") or {}).get("forget")
-    return [int(c) for c in (forget or {}).get("classes", [])]
+def forgotten_classes(repository: str | Path, vector_ids: list[str]) -> list[int]:
+    """Classes that answers naming these vectors should have forgotten (from the versions' sidecars)."""
+    classes: set[int] = set()
+    for version in list_forget_step_versions(repository):
+        record = read_forget_step_metadata(repository, version)
+        if record.get("vector_id") in vector_ids:
+            classes |= {int(c) for c in (record.get("forget") or {}).get("classes", [])}
+    initial = read_deployment(repository).get("initial_vector") or {}
+    if initial.get("vector_id") in vector_ids:  # the fused model's vector, fixed at build time
+        classes |= {int(c) for c in (initial.get("forget") or {}).get("classes", [])}
+    return sorted(classes)
 
 
 def class_names(status: dict[str, Any]) -> list[str]:
@@ -157,9 +203,11 @@ def class_names(status: dict[str, Any]) -> list[str]:
 def _active_lines(active: dict[str, Any], names: list[str]) -> list[str]:
     served = {True: "served", None: "latest published (server not queried)"}.get(active.get("served"), "?")
     lines = [f"vector   {active.get('vector_id', '?')} = forget_step version {active['version']} ({served})"]
-    latest = active.get("latest_published")
-    if latest is not None and latest != active["version"]:
-        lines.append(f"         WARNING: the repository's latest version is {latest}: a switch is running or failed")
+    confirmed = active.get("confirmed_version")
+    if confirmed is not None and confirmed != active["version"]:
+        lines.append(f"         WARNING: version {confirmed} is the confirmed one; this one was never confirmed")
+    if active.get("rule_met") is False:
+        lines.append("         WARNING: this vector did NOT meet its stopping rule when it was learned")
     forget = active.get("forget")
     if forget:
         classes = forget.get("classes")

@@ -1,77 +1,79 @@
 """Switch the forget vector of a RUNNING deployment, with the classifier left loaded and untouched.
 
-The order of a switch, and why:
+The order of a switch, and what a kill -9 at each point leaves behind:
 
-1. Validate everything locally (`deploy.prepare_forget_step`): finite values, shape
-   against the forget step's input, classifier fingerprint against the repository's
-   own classifier graph. A refused vector never reaches the repository or the server.
-2. Check the server is the one serving this repository: the probe images sent
-   through the ensemble must give what the currently published forget step + the
-   classifier give in local onnxruntime. A wrong --url/--repository pair is refused
-   before anything changes.
-3. Publish the next forget_step version folder (atomic rename) and ask Triton to
-   `load_model("forget_step")`. Its version policy keeps only the latest version, so
-   the new one replaces the old; Triton keeps serving the old version until the new
-   one is ready and re-creates the ensemble around it. The forget step and the
-   ensemble are NEVER unloaded (that takes the ensemble down) and the ensemble is
-   never reloaded by us.
-4. Confirm from the server: the new version is READY and the ensemble answers the
-   probe images with the NEW vector's logits; that moment ends the measured switch
-   time. Then confirm the classifier was not reloaded, from the server's own records:
-   its repository-index entry (version, state) is unchanged, its inference count
-   did not restart from zero (Triton resets statistics on a reload), and, when the
-   server log is at hand, it logged no new load.
-5. On any failure in 3-4 (load error, not serving in time), the new version folder is
-   removed, Triton is asked to load the forget step again (which leaves or puts the
-   previous version in place), and the ensemble is checked to answer with the OLD
-   vector; SwitchError says what happened and what serves now.
+1. Validate locally (`forget_step.prepare_forget_step`): admission, shape, classifier
+   fingerprint. A refused vector never reaches the repository or the server.
+2. Take the repository's switch lock (waiting at most `timeout_s`, saying who holds
+   it) and recover what an earlier, interrupted switch left (`recovery.recover`).
+3. Check the server serves this repository's confirmed version V: probe images sent
+   through the ensemble must give what V + the classifier give in local onnxruntime.
+4. Journal "begin" (fsynced).
+5. Publish folder N (atomic rename). Killed here: config.pbtxt still pins V, so a
+   (re)started Triton serves V; recovery sets N aside.
+6. Load N through a config override that pins N (`load_model(config=...)`): Triton
+   keeps serving V until N is READY and re-creates the ensemble around it. Server
+   killed here: a restart reads config.pbtxt and serves V. This process killed here:
+   the running server may go on with N, unconfirmed, until the next switch or start
+   recovers (`fv status` flags it).
+7. Confirm from the server: N READY, the ensemble answers the probe images with N's
+   logits and N's vector id. That moment ends the measured switch time.
+8. Pin N in config.pbtxt (atomic, fsynced): N is confirmed. Journal "confirmed".
+   Then prune old folders and confirm, from the server's records, that the classifier
+   was not reloaded (index entry unchanged, inference count not reset, no new load
+   in the server log when it is at hand).
 
-Switches of one repository are serialised with a lock file: Triton may load a model
-twice when two load requests for it arrive at once.
+Any failure in 5-7 (an error of ours, a transport error, SIGINT or SIGTERM) rolls
+back: Triton is asked to load forget_step from config.pbtxt (back to V), N is set
+aside only once Triton no longer loads it (removing a folder Triton is still loading
+left it stuck LOADING), the ensemble is checked to answer with V, and the journal
+records "rolled_back" with the reason. Signals are held off during the rollback.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from fv_serving.errors import FVError, OnnxGraphError, ServerError, SwitchError
-from fv_serving.fingerprint import probe_batch
+from fv_serving.admission import AdmissionPolicy
+from fv_serving.errors import FVError, SwitchError
+from fv_serving.fingerprint import logits_match, probe_batch
 from fv_serving.onnx.runtime import make_session
-from fv_serving.triton import model_config as mcfg
+from fv_serving.triton import journal
 from fv_serving.triton.client import TritonClient
-from fv_serving.triton.deploy import (
-    PreparedStep,
-    VectorChoice,
+from fv_serving.triton.deployment import (
     class_names_of,
     deployed_classifier,
-    prepare_forget_step,
+    forget_step_input_shape,
+    published_step,
+    served_version,
+    step_digest,
 )
+from fv_serving.triton.forget_step import PreparedStep, prepare_forget_step
+from fv_serving.triton.locking import switch_lock
+from fv_serving.triton.recovery import recover, wait_until_settled
 from fv_serving.triton.repository import (
     CLASSIFIER_MODEL,
     ENSEMBLE_MODEL,
     FORGET_STEP_MODEL,
-    ONNX_FILENAME,
-    list_forget_step_versions,
+    confirm_version,
+    confirmed_version,
+    forget_step_config,
     prune_forget_step_versions,
     publish_forget_step_version,
     read_forget_step_metadata,
+    set_aside_version,
 )
+from fv_serving.triton.signals import signals_held
+from fv_serving.vector_choice import VectorChoice
 
 DEFAULT_TIMEOUT_S = 60.0
 #: Version folders kept after a switch: the served one and the previous ones for a quick look back.
 DEFAULT_KEEP_VERSIONS = 3
-#: The server's ORT and local ORT run the same graphs; batching may reorder float sums slightly.
-PROBE_ATOL = 1e-4
-LOCK_FILENAME = ".fv-switch.lock"
 #: How long a classifier inference count below the expected minimum is re-read (statistics lag answers).
 STATS_SETTLE_S = 2.0
 
@@ -115,38 +117,41 @@ class SwitchResult:
     vector_id: str
     previous_vector_id: str
     checks: tuple[str, ...]
+    warnings: tuple[str, ...]
     forced: bool
     validate_s: float  # request -> validated (before the server is touched)
     load_s: float  # duration of Triton's load_model("forget_step")
     serving_s: float  # request -> first ensemble answer computed with the new vector
     classifier: ClassifierEvidence
-    pruned: tuple[int, ...]
+    pruned: tuple[str, ...]
+    recovered: tuple[str, ...]  # what recovery found and did before this switch
 
 
 def switch_vector(
     repository: str | Path,
-    url: str,
+    client: TritonClient,
     choice: VectorChoice,
     *,
     force: bool = False,
+    policy: AdmissionPolicy | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     keep_versions: int = DEFAULT_KEEP_VERSIONS,
     log_path: str | Path | None = None,
 ) -> SwitchResult:
-    """Validate `choice` against the repository, then make it the served forget vector (see module doc).
+    """Validate `choice` (a VectorChoice) against the repository, then make it the served vector (module doc).
 
-    `url` is the server's HTTP or gRPC URL; `log_path` (the server log, known for
-    servers started by `fv serve`) adds the log to the classifier evidence.
+    `client` must carry the deployment's model-control key; `log_path` (the server
+    log, known for servers started by `fv serve`) adds the log to the classifier evidence.
     """
     requested = time.monotonic()
     repo = Path(repository).absolute()
     classifier = deployed_classifier(repo)
     step = prepare_forget_step(
-        choice, classifier, forget_step_input_shape(repo), force=force, class_names=class_names_of(repo)
+        choice, classifier, forget_step_input_shape(repo), force=force, class_names=class_names_of(repo), policy=policy
     )
     return activate_forget_step(
         repo,
-        url,
+        client,
         step,
         classifier=classifier,
         requested=requested,
@@ -158,7 +163,7 @@ def switch_vector(
 
 def activate_forget_step(
     repository: str | Path,
-    url: str,
+    client: TritonClient,
     step: PreparedStep,
     *,
     classifier: onnx.ModelProto | None = None,
@@ -167,11 +172,7 @@ def activate_forget_step(
     keep_versions: int = DEFAULT_KEEP_VERSIONS,
     log_path: str | Path | None = None,
 ) -> SwitchResult:
-    """Publish an already validated forget step, load it, confirm it serves; roll back on failure.
-
-    Steps 2-5 of the module doc. `requested` is the monotonic time of the switch
-    request (default: now), the start of the reported switch time.
-    """
+    """Steps 2-8 of the module doc for an already validated forget step; rolls back on failure."""
     requested = time.monotonic() if requested is None else requested
     if keep_versions < 2:
         raise SwitchError(f"keep_versions must be >= 2 (the served version and a previous one), got {keep_versions}")
@@ -181,80 +182,59 @@ def activate_forget_step(
     expected = ensemble_reference(classifier, step.graph, probe)
     log = Path(log_path) if log_path is not None else None
 
-    with switch_lock(repo), TritonClient(url, timeout_s=timeout_s) as client:
-        previous = served_version(client)
-        previous_expected = ensemble_reference(classifier, _published_step(repo, previous), probe)
-        if not _answers_with(client, probe, previous_expected):
-            raise SwitchError(
-                f"the server at {url} does not answer with {repo}'s forget_step version {previous} (its ensemble "
-                "output on the probe images differs): wrong --url / --repository pair? Nothing was changed."
-            )
-        previous_vector_id = str(read_forget_step_metadata(repo, previous).get("vector_id", "?"))
+    with switch_lock(repo, timeout_s, f"switch to {step.vector_id}"):
+        recovered = recover(repo, client, timeout_s)
+        previous = confirmed_version(repo)
+        previous_expected = ensemble_reference(classifier, published_step(repo, previous), probe)
+        previous_id = str(read_forget_step_metadata(repo, previous).get("vector_id", "?"))
+        _require_serving(client, repo, previous, probe, previous_expected, previous_id)
         before = _classifier_snapshot(client, log, min_count=len(probe))  # the probe above has counted
         validated = time.monotonic()
+        switch_id = journal.new_switch_id()
+        origin = {"version": previous, "vector_id": previous_id, "sha256": step_digest(repo, previous)}
+        journal.append(repo, "begin", switch=switch_id, **{"from": origin}, to={"vector_id": step.vector_id})
 
-        version = publish_forget_step_version(repo, step.graph, step.metadata)
-        load_started = time.monotonic()
+        version: int | None = None
         try:
-            client.load_model(FORGET_STEP_MODEL)
+            version = publish_forget_step_version(repo, step.graph, step.metadata)
+            load_started = time.monotonic()
+            client.load_model(FORGET_STEP_MODEL, config=forget_step_config(repo, version))
             load_s = time.monotonic() - load_started
-            sent = _wait_until_serving(client, version, probe, expected, load_started + timeout_s)
-        except (FVError, OSError, KeyboardInterrupt) as exc:  # Ctrl-C mid-switch rolls back too
-            raise _roll_back(repo, client, version, previous, probe, previous_expected, exc) from exc
+            sent = _wait_until_serving(client, version, probe, expected, step.vector_id, load_started + timeout_s)
+        except (FVError, OSError, KeyboardInterrupt) as exc:  # Ctrl-C and SIGTERM mid-switch roll back too
+            with signals_held():
+                raise _roll_back(repo, client, switch_id, version, previous, probe, previous_expected, exc) from exc
         serving_s = time.monotonic() - requested
+        with signals_held():  # confirming is two writes: let nothing come between them
+            confirm_version(repo, version)
+            target = {"version": version, "vector_id": step.vector_id, "sha256": step_digest(repo, version)}
+            journal.append(repo, "confirmed", switch=switch_id, **{"from": origin}, to=target)
         after = _classifier_snapshot(client, log, min_count=before[1] + sent)
         pruned = tuple(prune_forget_step_versions(repo, keep_versions))
 
-    evidence = ClassifierEvidence(
-        index_before=before[0],
-        index_after=after[0],
-        inference_count_before=before[1],
-        inference_count_after=after[1],
-        images_sent_between=sent,
-        loads_logged_before=before[2],
-        loads_logged_after=after[2],
-    )
     return SwitchResult(
         version=version,
         previous_version=previous,
         vector_id=step.vector_id,
-        previous_vector_id=previous_vector_id,
+        previous_vector_id=previous_id,
         checks=step.checks,
+        warnings=step.warnings,
         forced=bool(step.metadata.get("forced")),
         validate_s=validated - requested,
         load_s=load_s,
         serving_s=serving_s,
-        classifier=evidence,
+        classifier=ClassifierEvidence(
+            index_before=before[0],
+            index_after=after[0],
+            inference_count_before=before[1],
+            inference_count_after=after[1],
+            images_sent_between=sent,
+            loads_logged_before=before[2],
+            loads_logged_after=after[2],
+        ),
         pruned=pruned,
+        recovered=tuple(recovered),
     )
-
-
-# -- reading the repository and the server ------------------------------------------------------------
-
-
-def forget_step_input_shape(repository: str | Path) -> tuple[int, ...]:
-    """The image dims (batch excluded) the deployed forget step takes, from its config."""
-    config = mcfg.read_config(Path(repository) / FORGET_STEP_MODEL)
-    inputs = mcfg.tensor_specs(config.input)
-    if len(inputs) != 1:
-        raise SwitchError(f"{repository}: forget_step must have one input, has {[t.name for t in inputs]}")
-    return inputs[0].dims
-
-
-def served_version(client: TritonClient) -> int:
-    """The forget_step version the server has READY (the newest if two are READY mid-switch)."""
-    # Not is_server_ready(): with strict readiness the server reports "not ready" while an old
-    # forget_step version is still unloading after a switch, although the ensemble serves.
-    if not client.is_model_ready(ENSEMBLE_MODEL):
-        raise ServerError(f"the server at {client.url} does not have the ensemble {ENSEMBLE_MODEL!r} ready")
-    ready = [
-        int(e.version)
-        for e in client.repository_index()
-        if e.name == FORGET_STEP_MODEL and e.state == "READY" and e.version.isdigit()
-    ]
-    if not ready:
-        raise ServerError(f"the server at {client.url} has no READY {FORGET_STEP_MODEL!r} version")
-    return max(ready)
 
 
 def ensemble_reference(classifier: onnx.ModelProto, step: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
@@ -265,47 +245,35 @@ def ensemble_reference(classifier: onnx.ModelProto, step: onnx.ModelProto, image
     return np.asarray(clf_session.run(None, {clf_session.get_inputs()[0].name: perturbed})[0])
 
 
-@contextlib.contextmanager
-def switch_lock(repository: Path) -> Iterator[None]:
-    """An exclusive lock on the repository's switch lock file (released when the process dies)."""
-    with open(repository / LOCK_FILENAME, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # another switch of this repository runs: wait for it
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def answers_with(client: TritonClient, probe: np.ndarray, expected: np.ndarray, vector_id: str | None) -> bool:
+    """Whether the ensemble answers `probe` with `expected` logits (and, when given, names `vector_id`)."""
+    logits, ids = client.infer_with_ids(ENSEMBLE_MODEL, probe)
+    return logits_match(logits, expected) and (vector_id is None or all(i == vector_id for i in ids))
 
 
-def _published_step(repository: Path, version: int) -> onnx.ModelProto:
-    path = repository / FORGET_STEP_MODEL / str(version) / ONNX_FILENAME
-    if not path.is_file():
+# -- steps ------------------------------------------------------------------------------------------------
+
+
+def _require_serving(
+    client: TritonClient, repo: Path, version: int, probe: np.ndarray, expected: np.ndarray, vector_id: str
+) -> None:
+    served = served_version(client)
+    if served != version or not answers_with(client, probe, expected, vector_id):
         raise SwitchError(
-            f"the server serves forget_step version {version}, but {path} is missing: the server does not serve "
-            f"this repository, or its folder was removed. Nothing was changed."
+            f"the server at {client.url} does not answer with {repo}'s confirmed forget_step version {version} "
+            f"(it has version {served} READY): wrong --url / --repository pair? Nothing was changed."
         )
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:
-        raise OnnxGraphError(f"cannot read the served forget step {path}: {exc}") from exc
-
-
-def _answers_with(client: TritonClient, probe: np.ndarray, expected: np.ndarray) -> bool:
-    actual = client.infer(ENSEMBLE_MODEL, probe)
-    return actual.shape == expected.shape and bool(np.allclose(actual, expected, rtol=0.0, atol=PROBE_ATOL))
 
 
 def _wait_until_serving(
-    client: TritonClient, version: int, probe: np.ndarray, expected: np.ndarray, deadline: float
+    client: TritonClient, version: int, probe: np.ndarray, expected: np.ndarray, vector_id: str, deadline: float
 ) -> int:
     """Poll until `version` is READY and the ensemble answers with it; return the images sent meanwhile."""
     sent = 0
     while True:
         if client.is_model_ready(FORGET_STEP_MODEL, str(version)):
             sent += len(probe)
-            if _answers_with(client, probe, expected):
+            if answers_with(client, probe, expected, vector_id):
                 return sent
         if time.monotonic() > deadline:
             raise SwitchError(
@@ -337,23 +305,33 @@ def _classifier_snapshot(
 
 
 def _roll_back(
-    repository: Path,
+    repo: Path,
     client: TritonClient,
-    version: int,
+    switch_id: str,
+    version: int | None,
     previous: int,
     probe: np.ndarray,
     previous_expected: np.ndarray,
     cause: BaseException,
 ) -> SwitchError:
-    """Remove the failed version, let Triton settle on the previous one, and say what serves now."""
-    shutil.rmtree(repository / FORGET_STEP_MODEL / str(version), ignore_errors=True)
-    notes = [f"version {version} removed from the repository ({list_forget_step_versions(repository)} remain)"]
+    """Back to the confirmed version; set the new folder aside once Triton lets go of it; say what serves now."""
+    notes = []
+    settled = False
     try:
-        client.load_model(FORGET_STEP_MODEL)  # back to the newest remaining version (a no-op if still served)
+        client.load_model(FORGET_STEP_MODEL)  # config.pbtxt pins `previous`: back to it (a no-op if still served)
+        settled = wait_until_settled(client, version, DEFAULT_TIMEOUT_S) if version is not None else True
     except FVError as exc:
         notes.append(f"reloading the forget step failed too: {exc}")
+    if version is not None:
+        if settled:
+            notes.append(f"version {version} set aside as {set_aside_version(repo, version).name}")
+        else:
+            notes.append(
+                f"version {version} left in place (Triton may still be loading it; the next switch or start "
+                "sets it aside)"
+            )
     try:
-        ok = _answers_with(client, probe, previous_expected)
+        ok = answers_with(client, probe, previous_expected, None)
         notes.append(
             f"the previous vector (version {previous}) keeps serving (checked through {ENSEMBLE_MODEL!r})"
             if ok
@@ -361,9 +339,13 @@ def _roll_back(
         )
     except FVError as exc:
         notes.append(f"WARNING: could not check what the ensemble serves now: {exc}")
-    return SwitchError(f"switch failed: {_one_line(cause)}; " + "; ".join(notes))
+    reason = _one_line(cause)
+    journal.append(repo, "rolled_back", switch=switch_id, version=version, reason=reason, notes=notes)
+    return SwitchError(f"switch failed: {reason}; " + "; ".join(notes))
 
 
 def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (SIGINT or SIGTERM)"
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
