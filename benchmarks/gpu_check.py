@@ -43,7 +43,7 @@ def prepare(out: Path, demo: Path, count: int) -> None:
     export_classifier(loaded.model, out / "classifier.onnx")
     import onnx
 
-    save_model(fuse_vector(onnx.load(out / "classifier.onnx"), vector), out / "fused.onnx")
+    save_model(fuse_vector(onnx.load(out / "classifier.onnx"), vector).graph, out / "fused.onnx")
     data = load_dataset("fashion-mnist")
     idx = torch.arange(count)
     np.save(out / "images_u8.npy", data.test.images[idx].numpy())
@@ -98,7 +98,7 @@ def run(artifacts: Path, out_dir: Path) -> dict[str, Any]:
 
     is_forgotten = labels == forgotten
     # fuse_vector's classifier check (probe logits) running on the CUDA EP
-    fuse_vector(onnx.load(artifacts / "classifier.onnx"), vector, provider="cuda")
+    fuse_vector(onnx.load(artifacts / "classifier.onnx"), vector, provider="cuda").graph
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),

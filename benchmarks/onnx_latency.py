@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     clamped = ForgetVector(classifier=vector.classifier, delta=vector.delta, clamp=(0.0, 1.0))
     graphs = {
         "plain": plain,
-        "fused": fuse_vector(plain, ForgetVector(classifier=vector.classifier, delta=vector.delta)),
-        "fused+clamp": fuse_vector(plain, clamped),
+        "fused": fuse_vector(plain, ForgetVector(classifier=vector.classifier, delta=vector.delta)).graph,
+        "fused+clamp": fuse_vector(plain, clamped).graph,
     }
     threads = args.threads or None
     sessions = {

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fv_serving.errors import InvalidInputError
-from fv_serving.vectors import ForgetVector
+from fv_serving.vectors import ForgetVector, require_finite
 
 #: Pixels live in [0,1]; a perturbation entry beyond 4 pixel ranges moves the input far outside
 #: anything the classifier was trained on. Learned vectors stay well inside (tests: |delta| < 1).
@@ -46,6 +46,7 @@ class AdmissionPolicy:
 def admit(vector: ForgetVector, policy: AdmissionPolicy | None = None) -> list[str]:
     """Refuse (InvalidInputError) what must not be served; return warnings for what may, with a caveat."""
     policy = policy or AdmissionPolicy()
+    require_finite(vector.delta, f"forget vector {vector.vector_id}")  # a NaN would slip past the comparisons below
     largest = float(np.max(np.abs(vector.delta))) if vector.delta.size else 0.0
     if largest > policy.max_abs:
         raise InvalidInputError(

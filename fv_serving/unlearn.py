@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,11 +42,20 @@ from tqdm.auto import tqdm
 from fv_serving.config import VectorConfig
 from fv_serving.data import Dataset, ForgetSplit, ImageSet, default_augmentation
 from fv_serving.distributed import SINGLE, Dist
+from fv_serving.errors import InvalidInputError
 from fv_serving.metrics import predict
 from fv_serving.models import PerturbedClassifier
 from fv_serving.perturbation import apply_delta
 from fv_serving.sampling import BatchPlan
 from fv_serving.stopping import goal_for
+
+
+class Objective(Protocol):
+    """The data term of a run's loss, from the logits of (this rank's slice of) a batch."""
+
+    def __call__(
+        self, logits: torch.Tensor, labels: torch.Tensor, is_forget: torch.Tensor, *, batch_size: int
+    ) -> torch.Tensor: ...
 
 
 def forget_vector_loss(
@@ -159,6 +169,7 @@ def learn_perturbation(
     device: str = "cpu",
     desc: str = "forget vector",
     dist: Dist = SINGLE,
+    objective: Objective | None = None,
 ) -> LearnResult:
     """Train `perturbation` against the frozen `classifier` for one forget/retain split.
 
@@ -166,7 +177,16 @@ def learn_perturbation(
     check meeting it, else the closest one (later wins ties), which may be the
     unperturbed start; without it (the authors' protocol) the last one. Under
     torch.distributed (`dist`) every rank returns the same result.
+
+    `objective` replaces the data term of the loss (default: the authors',
+    `forget_vector_loss` with `config`), e.g. for an experiment on random subsets.
+    Data-parallel runs need the default: it is a sum over samples, so the ranks'
+    slices add up to the global batch's loss, which an arbitrary objective need not.
     """
+    if objective is not None and dist.world > 1:
+        raise InvalidInputError("a custom objective runs in one process only (data-parallel needs a per-sample sum)")
+    start = time.perf_counter()
+    data_term = objective or partial(forget_vector_loss, config=config)
     rule = config.rule(goal)
     torch.manual_seed(config.seed)
     classifier.eval()
@@ -214,7 +234,6 @@ def learn_perturbation(
             best = (checks[-1], {n: p.detach().clone() for n, p in perturbation.named_parameters()})
         return distance == 0
 
-    start = time.perf_counter()
     # The starting point is a candidate too: no perturbation for a new vector (nothing may
     # beat doing nothing, e.g. for random subsets), the zero-shot weights for a combination.
     stop = check(0.0) and config.stopping
@@ -226,7 +245,7 @@ def learn_perturbation(
         for step, (x, y, idx) in enumerate(batches.epoch(), start=1):
             part = dist.batch_slice(len(y))  # this rank's share of the global batch (all of it alone)
             logits = classifier(apply_delta(x[part], perturbation(), config.clamp))
-            loss = forget_vector_loss(logits, y[part], is_forget[idx[part]].to(device), config, batch_size=len(y))
+            loss = data_term(logits, y[part], is_forget[idx[part]].to(device), batch_size=len(y))
             if dist.is_main:  # the regulariser counts once, however many ranks share the batch
                 loss = loss + config.lam * perturbation.regulariser(len(y))
             optimizer.zero_grad(set_to_none=True)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from fv_serving.arithmetic import vector_from_bank
 from fv_serving.cli.main import main
 from fv_serving.data import Dataset, ForgetSpec, to_numpy_images
 from fv_serving.errors import InvalidInputError
@@ -25,6 +26,7 @@ from fv_serving.metrics import predict
 from fv_serving.models import ModelSpec, PerturbedClassifier, load_classifier
 from fv_serving.onnx import (
     TensorInfo,
+    forget_step,
     forget_step_graph,
     fuse_vector,
     load_model,
@@ -99,7 +101,7 @@ def test_unlearning_metrics_through_onnxruntime_match_pytorch(
     exported: Path, tiny_workspace: Workspace, class_vector: tuple[ForgetVector, Path]
 ) -> None:
     vector = class_vector[0]
-    fused = fuse_vector(load_model(exported), vector)
+    fused = fuse_vector(load_model(exported), vector).graph
     session = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
     unlearned = PerturbedClassifier(tiny_workspace.model, torch.from_numpy(vector.delta), vector.clamp)
     split = tiny_workspace.forget_split(ForgetSpec(classes=(FORGET_CLASS,)))
@@ -149,15 +151,19 @@ def test_forget_step_equals_apply_delta(
     vector = ForgetVector(classifier=base.classifier, delta=base.delta, clamp=clamp)
     x = test_images[:200]
     bank = _bank(vector, clamp)
-    cases: dict[str, tuple[ForgetVector | tuple[VectorBank, np.ndarray] | None, np.ndarray]] = {
+    composed = vector_from_bank(bank, [1.0, -0.5, 2.0], "coefficients")
+    cases: dict[str, tuple[ForgetVector | None, np.ndarray]] = {
         "vector": (vector, vector.delta),
-        "bank": ((bank, np.array([1.0, -0.5, 2.0])), bank.vectors[0] - 0.5 * bank.vectors[1] + 2 * bank.vectors[2]),
+        "bank": (composed, bank.vectors[0] - 0.5 * bank.vectors[1] + 2 * bank.vectors[2]),
         "off": (None, np.zeros_like(vector.delta)),
     }
     for name, (source, delta) in cases.items():
         step = forget_step_graph(source, (1, 28, 28))
         onnx.checker.check_model(step, full_check=True)
-        assert [i.name for i in step.graph.input] == ["image"] and [o.name for o in step.graph.output] == ["image_fv"]
+        outputs = [o.name for o in step.graph.output]
+        assert [i.name for i in step.graph.input] == ["image"] and outputs == ["image_fv", "vector_id"]
+        ids = ort.InferenceSession(step.SerializeToString()).run(["vector_id"], {"image": x[:3]})[0]
+        assert ids.shape == (3, 1) and set(ids.ravel()) == {source.vector_id if source else "off"}
         dims = step.graph.input[0].type.tensor_type.shape.dim
         assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [1, 28, 28]
         step_clamp = None if name == "off" else clamp
@@ -180,11 +186,11 @@ def test_forget_step_refuses_bad_input(class_vector: tuple[ForgetVector, Path]) 
     with pytest.raises(InvalidInputError, match="differs from the vector's shape"):
         forget_step_graph(vector, (3, 28, 28))
     with pytest.raises(InvalidInputError, match="need 3 coefficients"):
-        forget_step_graph((_bank(vector, None), np.ones(2)))
+        vector_from_bank(_bank(vector, None), np.ones(2), "coefficients")
     broken = ForgetVector(classifier=vector.classifier, delta=vector.delta.copy())
-    broken.delta[0, 3, 3] = np.inf
+    broken.delta[0, 3, 3] = np.inf  # the object was checked at construction; the checked builder checks again
     with pytest.raises(InvalidInputError, match="non-finite"):
-        forget_step_graph(broken)
+        forget_step(broken, (1, 28, 28))
 
 
 # -- CLI ------------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_fused_equals_classifier_of_perturbed_input(
 ) -> None:
     vector = with_clamp(class_vector[0], clamp)
     original = load_model(classifier_onnx)
-    fused = fuse_vector(original, vector)
+    fused = fuse_vector(original, vector).graph
     actual = ort_run(fused, image=images)
     expected = ort_run(original, image=perturbed(images, vector))
     assert float(np.max(np.abs(actual - expected))) <= 1e-5
@@ -175,7 +175,7 @@ def test_fused_equals_classifier_of_perturbed_input(
     assert float(np.max(np.abs(actual - torch_logits))) <= 1e-4
     assert float(np.max(np.abs(actual - ort_run(original, image=images)))) > 0.5  # the vector changes the logits
     if clamp is not None:
-        unclamped = ort_run(fuse_vector(original, with_clamp(vector, None)), image=images)
+        unclamped = ort_run(fuse_vector(original, with_clamp(vector, None)).graph, image=images)
         assert float(np.max(np.abs(actual - unclamped))) > 1e-3  # the clamp is in the graph and bites
 
 
@@ -189,13 +189,14 @@ def test_fused_graph_is_a_drop_in_replacement(
     )
     printed = capsys.readouterr().out
     assert "input  image float32 [batch,1,28,28]" in printed and "output logits float32 [batch,10]" in printed
-    assert "classifier check: the unfused graph reproduces" in printed and "fused(x) == original" in printed
+    assert "classifier check: the classifier graph reproduces" in printed and "fused(x) == original" in printed
     onnx.checker.check_model(str(out), full_check=True)
     original, fused = load_model(classifier_onnx), load_model(out)
     assert graph_inputs(fused) == graph_inputs(original) and graph_outputs(fused) == graph_outputs(original)
-    first = fused.graph.node[0]
-    assert first.op_type == "Add" and first.input[0] == "image"
-    delta = next(t for t in fused.graph.initializer if t.name == first.input[1])
+    first = fused.graph.node[0]  # the image is sanitised first: NaN -> 0, clipped to [0,1] (perturbation.py)
+    assert first.op_type == "IsNaN" and first.input[0] == "image"
+    add = next(n for n in fused.graph.node if n.op_type == "Add" and n.input[1].endswith("delta"))
+    delta = next(t for t in fused.graph.initializer if t.name == add.input[1])
     np.testing.assert_array_equal(numpy_helper.to_array(delta), vector.delta[None])
     meta = metadata(fused)
     assert meta["fv_serving.vector_id"] == vector.vector_id
@@ -227,7 +228,7 @@ def test_fuse_hand_made_graph(
     model = linear_graph(dims=(batch, 3, 28, 28), opset=opset)
     norm = (MEAN3, STD3) if normalized else None
     vector = foreign_vector(model, (3, 28, 28), norm, clamp, "pixels")
-    fused = fuse_vector(model, vector, normalized_input=norm)
+    fused = fuse_vector(model, vector, normalized_input=norm).graph
     onnx.checker.check_model(fused, full_check=True)
     assert graph_inputs(fused) == graph_inputs(model) and graph_outputs(fused) == graph_outputs(model)
     x = images3[:40] if batch == "N" else images3[:1]
@@ -267,7 +268,7 @@ def test_fuse_torchvision_model_exported_with_other_settings(
         classifier=ClassifierFingerprint.of(in_pixels, (1, 28, 28), 10), delta=class_vector[0].delta, clamp=(0.0, 1.0)
     )
     original = load_model(path)
-    fused = fuse_vector(original, vector, normalized_input=(fmnist.mean, fmnist.std))
+    fused = fuse_vector(original, vector, normalized_input=(fmnist.mean, fmnist.std)).graph
     onnx.checker.check_model(fused, full_check=True)
     x = images[:64]
     actual = ort_run(fused, input=normalize(x, fmnist.mean, fmnist.std))
@@ -288,7 +289,7 @@ def test_named_image_input_among_several(images3: np.ndarray) -> None:
         fuse_vector(model, vector)
     with pytest.raises(OnnxGraphError, match="also needs"):  # the check can only feed the image
         fuse_vector(model, vector, input_name="pixels")
-    fused = fuse_vector(model, vector, input_name="pixels", force=True)
+    fused = fuse_vector(model, vector, input_name="pixels", force=True).graph
     assert [i.name for i in fused.graph.input] == ["mask", "pixels"]
     x, mask = images3[:16], images3[16:32]
     np.testing.assert_allclose(
@@ -331,7 +332,7 @@ def test_refusals_leave_no_output_file(
     save_model(linear_graph(), graphs / "three_channels.onnx")
     save_model(linear_graph(channels=1, dims=("N", 1, "H", "W")), graphs / "dynamic_hw.onnx")
     save_model(linear_graph(channels=1, dims=("N", 1, 28, 28), extra_image_input="mask"), graphs / "two_inputs.onnx")
-    save_model(fuse_vector(load_model(classifier_onnx), vector), graphs / "fused.onnx")
+    save_model(fuse_vector(load_model(classifier_onnx), vector).graph, graphs / "fused.onnx")
     nan_vector = with_clamp(vector, None)
     nan_vector.delta = nan_vector.delta.copy()
     nan_vector.delta[0, 5, 5] = np.nan

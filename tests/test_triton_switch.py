@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fv_serving.triton.deploy import VectorChoice, build_deployment, deployed_classifier
 from triton_testing import forget_step_onnx, random_delta, requires_triton
 
 from fv_serving.data import Dataset, to_numpy_images
@@ -30,7 +31,6 @@ from fv_serving.onnx.runtime import make_session
 from fv_serving.pipeline import open_workspace
 from fv_serving.triton import switch as switch_module
 from fv_serving.triton.client import InferenceError, TritonClient
-from fv_serving.triton.deploy import VectorChoice, build_deployment, deployed_classifier
 from fv_serving.triton.repository import (
     CLASSIFIER_MODEL,
     ENSEMBLE_MODEL,
@@ -151,7 +151,7 @@ def test_ensemble_equals_fused_onnx_on_real_images(
 ) -> None:
     switch(served, vector=files.trouser)  # the vector the fused model was built with
     x = images[0][:256]
-    fused_graph = fuse_vector(deployed_classifier(served.repository), load_vector(files.trouser))
+    fused_graph = fuse_vector(deployed_classifier(served.repository), load_vector(files.trouser)).graph
     session = make_session(fused_graph, threads=1)
     expected = session.run(None, {"image": x})[0]
     with TritonClient(served.http_url) as http, TritonClient(served.grpc_url) as grpc:

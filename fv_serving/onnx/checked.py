@@ -19,8 +19,8 @@ import onnx
 from fv_serving.admission import AdmissionPolicy, admit
 from fv_serving.errors import ModelMismatchError
 from fv_serving.fingerprint import probe_batch
-from fv_serving.onnx.fuse import forget_step_graph, fuse_graph
-from fv_serving.onnx.graph import META_PREFIX, check_model, find_image_input, graph_inputs, metadata, with_metadata
+from fv_serving.onnx.fuse import check_fusable, forget_step_graph, fuse_graph
+from fv_serving.onnx.graph import META_PREFIX, check_model, graph_inputs, metadata, with_metadata
 from fv_serving.onnx.runtime import NormalizedInput, check_vector_matches, verify_forget_step, verify_fused
 from fv_serving.provenance import forced_record
 from fv_serving.vectors import ForgetVector
@@ -62,7 +62,7 @@ def _classifier_check(
     check_vector_matches(
         classifier, vector, input_name=input_name, normalized_input=normalized_input, provider=provider
     )
-    return "classifier check: the unfused graph reproduces the vector's probe logits (same model)", {
+    return "classifier check: the classifier graph reproduces the vector's probe logits (same classifier)", {
         f"{META_PREFIX}classifier_check": "passed (probe logits)"
     }
 
@@ -81,7 +81,7 @@ def fuse_vector(
     """The fused graph (`fuse.fuse_graph`), admitted, classifier-checked, checked and verified in onnxruntime."""
     warnings = admit(vector, policy)
     check_model(model, "the classifier graph")
-    image = find_image_input(model, input_name)
+    image = check_fusable(model, vector, input_name=input_name, normalized_input=normalized_input)
     checked, stamp = _classifier_check(
         model, vector, force=force, input_name=image.name, normalized_input=normalized_input, provider=provider
     )

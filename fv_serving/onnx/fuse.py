@@ -94,9 +94,11 @@ class _Builder:
     """Nodes and initializers of the perturbation subgraph, all named with one prefix."""
 
     def __init__(
-        self, prefix: str, np_type: np.dtype[Any], mean: np.ndarray, std: np.ndarray, per_channel: bool
+        self, prefix: str, np_type: np.dtype[Any], mean: np.ndarray, std: np.ndarray, per_channel: bool, opset: int
     ) -> None:
         self.prefix, self.np_type, self.mean, self.std, self.per_channel = prefix, np_type, mean, std, per_channel
+        # Clip takes its bounds as inputs from opset 11, and scalar bounds only.
+        self.use_clip = opset >= 11 and not per_channel
         self.nodes: list[onnx.NodeProto] = []
         self.tensors: list[onnx.TensorProto] = []
 
@@ -115,8 +117,8 @@ class _Builder:
         return output
 
     def clip(self, x: str, low: str, high: str, output: str) -> str:
-        # Clip takes scalar bounds only; per-channel bounds need Max then Min (same result).
-        if not self.per_channel:
+        """min(max(x, low), high): Clip where it can, else Max then Min (the same result)."""
+        if self.use_clip:
             return self.node("Clip", [x, low, high], output)
         return self.node("Min", [self.node("Max", [x, low], self.prefix + output + "_low"), high], output)
 
@@ -129,12 +131,13 @@ def _perturbation_graph(
     prefix: str,
     normalized_input: NormalizedInput | None,
     pixel_range: Clamp,
+    opset: int,
 ) -> onnx.GraphProto:
     """image -> [sanitize] -> [Add delta] -> [clamp] -> output (see the module docstring)."""
     np_type = helper.tensor_dtype_to_np_dtype(elem_type)
     channels = image.type.tensor_type.shape.dim[1].dim_value
     mean, std = check_normalized_input(normalized_input, channels)
-    b = _Builder(prefix, np_type, mean, std, per_channel=normalized_input is not None)
+    b = _Builder(prefix, np_type, mean, std, per_channel=normalized_input is not None, opset=opset)
     current = image.name
     if pixel_range is not None:
         low, high = b.bound("input_low", pixel_range[0]), b.bound("input_high", pixel_range[1])
@@ -191,6 +194,33 @@ def _input_space(normalized_input: NormalizedInput | None, pixel_range: Clamp) -
 # -- fused graph ----------------------------------------------------------------------------------------
 
 
+def check_fusable(
+    model: onnx.ModelProto,
+    vector: ForgetVector,
+    *,
+    input_name: str | None = None,
+    normalized_input: NormalizedInput | None = None,
+) -> ImageInput:
+    """The structural refusals of fusing (shape, already fused, opset, statistics); returns the image input."""
+    image = find_image_input(model, input_name)
+    if vector.delta.shape != image.chw:
+        raise ModelMismatchError(
+            f"forget vector {vector.vector_id} has shape {list(vector.delta.shape)}, but input "
+            f"{image.name!r} takes [N,{','.join(map(str, image.chw))}] images"
+        )
+    meta = metadata(model)
+    if f"{META_PREFIX}vector_id" in meta:
+        raise OnnxGraphError(
+            f"the graph already carries forget vector {meta[f'{META_PREFIX}vector_id']}; "
+            "fuse into the unfused classifier graph instead (vectors would add up)"
+        )
+    opset = default_opset(model)
+    if opset < MIN_FUSE_OPSET:
+        raise OnnxGraphError(f"the graph uses opset {opset}; fusing needs opset >= {MIN_FUSE_OPSET}")
+    check_normalized_input(normalized_input, image.chw[0])
+    return image
+
+
 def fuse_graph(
     model: onnx.ModelProto,
     vector: ForgetVector,
@@ -209,25 +239,9 @@ def fuse_graph(
     only (shape, opset, already fused); whether the vector belongs to this classifier
     is checked by `fv_serving.onnx.checked.fuse_vector`.
     """
-    image = find_image_input(model, input_name)
-    if vector.delta.shape != image.chw:
-        raise ModelMismatchError(
-            f"forget vector {vector.vector_id} has shape {list(vector.delta.shape)}, but input "
-            f"{image.name!r} takes [N,{','.join(map(str, image.chw))}] images"
-        )
-    meta = metadata(model)
-    if f"{META_PREFIX}vector_id" in meta:
-        raise OnnxGraphError(
-            f"the graph already carries forget vector {meta[f'{META_PREFIX}vector_id']}; "
-            "fuse into the unfused classifier graph instead (vectors would add up)"
-        )
-    opset = default_opset(model)
-    if opset < MIN_FUSE_OPSET:
-        raise OnnxGraphError(f"the graph uses opset {opset}; fusing needs opset >= {MIN_FUSE_OPSET}")
+    image = check_fusable(model, vector, input_name=input_name, normalized_input=normalized_input)
     if id_output and ID_OUTPUT in {o.name for o in graph_outputs(model)}:
         raise OnnxGraphError(f"the graph already has an output named {ID_OUTPUT!r}")
-    check_normalized_input(normalized_input, image.chw[0])
-
     fused = _merge(model, vector, image, normalized_input, pixel_range)
     if id_output:
         nodes, tensors = _id_output_nodes(image.name, vector.vector_id, _free_prefix(fused.graph))
@@ -263,7 +277,7 @@ def _merge(
     output = f"{prefix}image_fv"
     image_info = next(v for v in model.graph.input if v.name == image.name)
     step = helper.make_model(
-        _perturbation_graph(vector, image_info, image.elem_type, output, prefix, normalized_input, pixel_range),
+        _perturbation_graph(vector, image_info, image.elem_type, output, prefix, normalized_input, pixel_range, opset),
         opset_imports=[helper.make_opsetid("", opset)],
         ir_version=model.ir_version,
     )
@@ -328,7 +342,7 @@ def forget_step_graph(
     if opset < 11:
         raise InvalidInputError(f"the forget step is written for opset >= 11 (Clip with tensor bounds), got {opset}")
     image = helper.make_tensor_value_info(STEP_INPUT, TensorProto.FLOAT, ["batch", *chw])
-    graph = _perturbation_graph(vector, image, TensorProto.FLOAT, STEP_OUTPUT, "fv_", None, pixel_range)
+    graph = _perturbation_graph(vector, image, TensorProto.FLOAT, STEP_OUTPUT, "fv_", None, pixel_range, opset)
     graph.name = "forget_step" if vector is not None else "forget_step_off"
     vector_id = vector.vector_id if vector is not None else OFF_ID
     nodes, tensors = _id_output_nodes(STEP_INPUT, vector_id, "fv_")

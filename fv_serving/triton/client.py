@@ -52,14 +52,18 @@ class InferenceError(ServerError):
     """The server answered a request with an error (bad input, model not ready, backend failure...)."""
 
 
+#: Images per request when the model's limit cannot be read (its config is locked, or behind a gateway).
+FALLBACK_BATCH = 16
+
+
 @dataclass(frozen=True)
 class ModelIO:
-    """A served model's inputs and outputs (dims without the batch dim) and its batch limit."""
+    """A served model's inputs and outputs (dims without the batch dim) and its batch limit (None: unknown)."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
-    max_batch_size: int
+    max_batch_size: int | None
 
 
 @dataclass(frozen=True)
@@ -168,16 +172,27 @@ class TritonClient:
         return json_format.ParseDict(config, ModelConfig(), ignore_unknown_fields=True)
 
     def model_io(self, model_name: str) -> ModelIO:
-        """Input/output names, types and dims from the server's model metadata (cached)."""
+        """Input/output names, types and dims from the server's model metadata (cached).
+
+        The batch limit comes from the model config, which only an operator (the key) may
+        read; a plain client learns from the metadata that the model batches (-1 first
+        dim) and sends FALLBACK_BATCH images per request.
+        """
         if model_name not in self._io:
             meta = self._call(
                 model_name, lambda: self._client.get_model_metadata(model_name, headers=self._headers, **self._as_json)
             )
+            inputs = tuple(_spec(t) for t in meta.get("inputs", []))
+            limit: int | None = None
+            if self._headers is not None:
+                limit = self.model_config(model_name).max_batch_size
+            elif inputs and inputs[0].dims and inputs[0].dims[0] != -1:
+                limit = 0  # the metadata shows no batch dim: not a batching model
             self._io[model_name] = ModelIO(
                 name=model_name,
-                inputs=tuple(_spec(t) for t in meta.get("inputs", [])),
+                inputs=inputs,
                 outputs=tuple(_spec(t) for t in meta.get("outputs", [])),
-                max_batch_size=self.model_config(model_name).max_batch_size,
+                max_batch_size=limit,
             )
         return self._io[model_name]
 
@@ -224,7 +239,7 @@ class TritonClient:
     ) -> tuple[np.ndarray, list[str] | None]:
         io = self.model_io(model_name)
         outputs = [t.name for t in io.outputs if t.name != ID_OUTPUT]
-        if len(io.inputs) != 1 or len(outputs) != 1 or io.max_batch_size < 1:
+        if len(io.inputs) != 1 or len(outputs) != 1 or io.max_batch_size == 0:
             raise InvalidInputError(
                 f"{model_name}: infer() serves batching single-input single-output models (+ {ID_OUTPUT}); this "
                 f"one has inputs {[t.name for t in io.inputs]}, outputs {[t.name for t in io.outputs]} and "
@@ -232,9 +247,10 @@ class TritonClient:
             )
         spec = io.inputs[0]
         _check_batch(model_name, spec, images)
-        size = io.max_batch_size if batch_size is None else batch_size
-        if not 1 <= size <= io.max_batch_size:
-            raise InvalidInputError(f"{model_name}: batch_size must be in 1..{io.max_batch_size}, got {size}")
+        limit = io.max_batch_size
+        size = batch_size if batch_size is not None else (limit or FALLBACK_BATCH)
+        if size < 1 or (limit is not None and size > limit):
+            raise InvalidInputError(f"{model_name}: batch_size must be in 1..{limit or 'its limit'}, got {size}")
         named = len(io.outputs) > 1
         logits, ids = [], []
         for start in range(0, len(images), size):

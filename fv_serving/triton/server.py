@@ -272,7 +272,7 @@ class TritonServer:
         env = {**os.environ, **dict(install.env)}
         started = time.monotonic()
         shown = " ".join(command).replace(self.admin_key, "<key>") if self.admin_key else " ".join(command)
-        with open(log_path, "wb") as log:
+        with open(log_path, "ab") as log:  # appended: a restart keeps the crashed run's log
             log.write(f"# {shown}\n".encode())
             log.flush()
             self._process = subprocess.Popen(
