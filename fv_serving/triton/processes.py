@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fv_serving.errors import ServerError
+from fv_serving.procfs import cmdline, group_members, is_alive, log_tail, reap_if_child
 
 SHM_STEM = "fv_triton_"  # every shm prefix we hand out starts with this
 SHM_DIR = Path("/dev/shm")
@@ -57,45 +58,8 @@ def wait_exit(pid: int, timeout_s: float, child: subprocess.Popen[bytes] | None)
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
-    _reap_if_child(pid)
+    reap_if_child(pid)
     return True
-
-
-def _reap_if_child(pid: int) -> None:
-    """Collect the exit status of a detached server this very process started (no zombie left)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def is_alive(pid: int) -> bool:
-    """Alive and not a zombie (a detached server's parent may never reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, NotADirectoryError, ProcessLookupError, PermissionError):
-        return ""
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live processes whose process group is `pgid` (zombies only wait to be reaped: not counted)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, NotADirectoryError, ProcessLookupError, PermissionError):
-            continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
 
 
 def end_orphaned_group(pgid: int, marker: str) -> list[int]:
@@ -181,14 +145,6 @@ def _shm_in_use() -> Iterator[str]:
                         yield target
 
 
-def log_tail(path: Path, lines: int) -> str:
-    """The last lines of a log, without Triton's wide ASCII tables (they crowd out the errors)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 256 * 1024))
-            text = f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
-    kept = [line for line in text.splitlines() if not line.startswith(("|", "+-"))]
-    return "\n".join(kept[-lines:])
+def triton_log_tail(path: Path, lines: int) -> str:
+    """The last lines of a Triton log, without its wide ASCII tables (they crowd out the errors)."""
+    return log_tail(path, lines, skip_prefixes=("|", "+-"))

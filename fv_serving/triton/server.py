@@ -34,6 +34,7 @@ import tritonclient.http as triton_http
 
 from fv_serving.errors import ServerError
 from fv_serving.net import free_port, url_host
+from fv_serving.procfs import cmdline, is_alive
 from fv_serving.triton.client import TritonClient
 from fv_serving.triton.flags import DEFAULT_GRACE_S, DEFAULT_HOST, DEFAULT_READY_TIMEOUT_S, ServerFlags
 from fv_serving.triton.install import TritonInstall, find_tritonserver
@@ -41,11 +42,9 @@ from fv_serving.triton.model_config import CONFIG_FILENAME
 from fv_serving.triton.processes import (
     SHM_STEM,
     cleanup_stale_shm,
-    cmdline,
-    is_alive,
-    log_tail,
     remove_shm_regions,
     terminate_group,
+    triton_log_tail,
 )
 
 LOG_FILENAME = "server.log"
@@ -189,7 +188,7 @@ class TritonServer:
 
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server log (empty before start)."""
-        return log_tail(self.log_path, lines) if self._state is not None else ""
+        return triton_log_tail(self.log_path, lines) if self._state is not None else ""
 
     def start(self) -> TritonServer:
         """Start the server and wait until it and every requested model are ready.

@@ -33,12 +33,13 @@ from typing import Any
 
 from fv_serving.atomic import write_json_atomic
 from fv_serving.errors import FVError, ServerError
+from fv_serving.procfs import cmdline, is_alive, log_tail
 from fv_serving.provenance import now_iso
 from fv_serving.triton import model_config as mcfg
 from fv_serving.triton.control import ensure_key, private_folder
 from fv_serving.triton.flags import DEFAULT_GRACE_S, DEFAULT_HOST, DEFAULT_READY_TIMEOUT_S
 from fv_serving.triton.locking import switch_lock
-from fv_serving.triton.processes import cmdline, end_orphaned_group, is_alive, log_tail, remove_shm_regions
+from fv_serving.triton.processes import end_orphaned_group, remove_shm_regions, terminate_group
 from fv_serving.triton.recovery import recover
 from fv_serving.triton.repository import ENSEMBLE_MODEL, FUSED_MODEL
 from fv_serving.triton.server import ServerState, TritonServer, state_is_running
@@ -310,8 +311,6 @@ def stop_deployment(run_dir: str | os.PathLike[str], grace_s: float = DEFAULT_GR
 
 
 def _clean_up_without_supervisor(state: RunState, grace_s: float) -> list[str]:
-    from fv_serving.triton.processes import terminate_group
-
     notes = []
     server = state.server
     if state_is_running(server):
