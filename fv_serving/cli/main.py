@@ -10,6 +10,8 @@ from fv_serving.cli.common import OneLineErrorParser
 from fv_serving.errors import FVError
 
 COMMAND_MODULES = (core, export_cmds, triton_cmds, bench_cmds)
+#: Modules of the [learn] extra: a serving-only install lacks them.
+LEARN_MODULES = ("torch", "torchvision", "sklearn", "matplotlib", "onnxscript")
 
 
 def build_parser() -> OneLineErrorParser:
@@ -26,6 +28,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except FVError as exc:
         print(f"fv {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in LEARN_MODULES:
+            raise
+        print(
+            f"fv {args.command}: error: this command needs the learning extra (no module {exc.name!r}): "
+            "pip install 'fv-serving[learn]'",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"fv {args.command}: interrupted", file=sys.stderr)
