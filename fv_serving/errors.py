@@ -38,3 +38,7 @@ class ServerError(FVError):
 
 class SwitchError(FVError):
     """A forget-vector switch on a running deployment failed; the previous vector keeps serving."""
+
+
+class StopRequested(FVError):
+    """SIGINT or SIGTERM asked a long-running command to stop; it stops at the next safe point."""

@@ -180,12 +180,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_switch(args: argparse.Namespace) -> int:
     from fv_serving.triton.client import TritonClient
-    from fv_serving.triton.signals import interrupt_on_stop_signals
+    from fv_serving.triton.signals import stop_requests
     from fv_serving.triton.switch import switch_vector
 
     target = resolve_target(args, need_repository=True)
     assert target.url is not None and target.repository is not None
-    with interrupt_on_stop_signals(), TritonClient(target.url, timeout_s=args.timeout, admin_key=target.admin_key) as c:
+    with stop_requests(), TritonClient(target.url, timeout_s=args.timeout, admin_key=target.admin_key) as c:
         result = switch_vector(
             target.repository,
             c,
@@ -211,6 +211,8 @@ def cmd_switch(args: argparse.Namespace) -> int:
     )
     if result.pruned:
         print(f"  removed old version folders {list(result.pruned)}")
+    if result.classifier is None:
+        return 0
     if result.classifier.reloaded:
         print(f"WARNING: the classifier WAS reloaded during the switch: {result.classifier.describe()}")
         return 1

@@ -1,9 +1,17 @@
-"""SIGINT and SIGTERM for long-running operator commands: both stop cleanly, and never mid-rollback.
+"""SIGINT and SIGTERM for long-running operator commands: both stop cleanly, and never mid-call or mid-rollback.
 
 `fv serve` and `fv switch` treat SIGTERM like Ctrl-C (an orchestrator or `kill`
 must not skip the cleanup a Ctrl-C gets). SIGINT is set explicitly because a process
 started in the background by a shell script inherits it ignored, and Python then
 never raises KeyboardInterrupt.
+
+Two ways to react:
+  * `interrupt_on_stop_signals`: raise KeyboardInterrupt at once (the supervisor's loop,
+    which only sleeps between checks);
+  * `stop_requests`: only record the signal; the work checks `raise_if_stopped()` at
+    safe points. A switch uses it: an exception raised inside tritonclient's event loop
+    (gevent) would be printed by gevent and could leave a call half done, while a check
+    between steps lets the rollback start from a known state, within a step's time.
 """
 
 from __future__ import annotations
@@ -13,22 +21,52 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from fv_serving.errors import StopRequested
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_received: list[int] = []  # signals recorded under `stop_requests`
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _record(signum: int, frame: FrameType | None) -> None:
+    _received.append(signum)
+
+
 @contextmanager
-def interrupt_on_stop_signals() -> Iterator[None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while inside; handlers restored after."""
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
+def _handlers(handler: signal.Handlers | object) -> Iterator[None]:
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}  # type: ignore[arg-type]
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextmanager
+def interrupt_on_stop_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while inside."""
+    with _handlers(_raise_interrupt):
+        yield
+
+
+@contextmanager
+def stop_requests() -> Iterator[None]:
+    """SIGINT and SIGTERM are recorded while inside; `raise_if_stopped` turns them into StopRequested."""
+    _received.clear()
+    with _handlers(_record):
+        try:
+            yield
+        finally:
+            _received.clear()
+
+
+def raise_if_stopped() -> None:
+    """At a safe point: StopRequested if a stop signal arrived (under `stop_requests`)."""
+    if _received:
+        raise StopRequested(f"interrupted ({signal.Signals(_received[0]).name})")
 
 
 @contextmanager

@@ -23,11 +23,12 @@ The order of a switch, and what a kill -9 at each point leaves behind:
    was not reloaded (index entry unchanged, inference count not reset, no new load
    in the server log when it is at hand).
 
-Any failure in 5-7 (an error of ours, a transport error, SIGINT or SIGTERM) rolls
-back: Triton is asked to load forget_step from config.pbtxt (back to V), N is set
-aside only once Triton no longer loads it (removing a folder Triton is still loading
-left it stuck LOADING), the ensemble is checked to answer with V, and the journal
-records "rolled_back" with the reason. Signals are held off during the rollback.
+Any failure in 5-7 (an error of ours, a transport error, SIGINT or SIGTERM, which
+`fv switch` records and the switch acts on at its next safe point) rolls back:
+Triton is asked to load forget_step from config.pbtxt (back to V), N is set aside
+only once Triton no longer loads it (removing a folder Triton is still loading left
+it stuck LOADING), the ensemble is checked to answer with V, and the journal records
+"rolled_back" with the reason. Signals are held off during the rollback.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import onnx
 
 from fv_serving.admission import AdmissionPolicy
 from fv_serving.errors import FVError, SwitchError
+from fv_serving.failpoints import failpoint
 from fv_serving.fingerprint import logits_match, probe_batch
 from fv_serving.onnx.runtime import make_session
 from fv_serving.triton import journal
@@ -68,7 +70,7 @@ from fv_serving.triton.repository import (
     read_forget_step_metadata,
     set_aside_version,
 )
-from fv_serving.triton.signals import signals_held
+from fv_serving.triton.signals import raise_if_stopped, signals_held
 from fv_serving.vector_choice import VectorChoice
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -122,7 +124,7 @@ class SwitchResult:
     validate_s: float  # request -> validated (before the server is touched)
     load_s: float  # duration of Triton's load_model("forget_step")
     serving_s: float  # request -> first ensemble answer computed with the new vector
-    classifier: ClassifierEvidence
+    classifier: ClassifierEvidence | None  # None when the server could not be asked after the switch
     pruned: tuple[str, ...]
     recovered: tuple[str, ...]  # what recovery found and did before this switch
 
@@ -197,20 +199,40 @@ def activate_forget_step(
         version: int | None = None
         try:
             version = publish_forget_step_version(repo, step.graph, step.metadata)
+            failpoint("switch:after-publish")
+            raise_if_stopped()
             load_started = time.monotonic()
+            failpoint("switch:loading")
             client.load_model(FORGET_STEP_MODEL, config=forget_step_config(repo, version))
             load_s = time.monotonic() - load_started
             sent = _wait_until_serving(client, version, probe, expected, step.vector_id, load_started + timeout_s)
+            failpoint("switch:before-confirm")
+            raise_if_stopped()
         except (FVError, OSError, KeyboardInterrupt) as exc:  # Ctrl-C and SIGTERM mid-switch roll back too
             with signals_held():
                 raise _roll_back(repo, client, switch_id, version, previous, probe, previous_expected, exc) from exc
         serving_s = time.monotonic() - requested
         with signals_held():  # confirming is two writes: let nothing come between them
             confirm_version(repo, version)
+            failpoint("switch:after-confirm")
             target = {"version": version, "vector_id": step.vector_id, "sha256": step_digest(repo, version)}
             journal.append(repo, "confirmed", switch=switch_id, **{"from": origin}, to=target)
-        after = _classifier_snapshot(client, log, min_count=before[1] + sent)
         pruned = tuple(prune_forget_step_versions(repo, keep_versions))
+        warnings = list(step.warnings)
+        try:  # the switch is done; what follows is evidence, and a server gone by now must not undo it
+            after = _classifier_snapshot(client, log, min_count=before[1] + sent)
+            evidence: ClassifierEvidence | None = ClassifierEvidence(
+                index_before=before[0],
+                index_after=after[0],
+                inference_count_before=before[1],
+                inference_count_after=after[1],
+                images_sent_between=sent,
+                loads_logged_before=before[2],
+                loads_logged_after=after[2],
+            )
+        except FVError as exc:
+            evidence = None
+            warnings.append(f"switched and confirmed, but the classifier's records could not be read after: {exc}")
 
     return SwitchResult(
         version=version,
@@ -218,20 +240,12 @@ def activate_forget_step(
         vector_id=step.vector_id,
         previous_vector_id=previous_id,
         checks=step.checks,
-        warnings=step.warnings,
+        warnings=tuple(warnings),
         forced=bool(step.metadata.get("forced")),
         validate_s=validated - requested,
         load_s=load_s,
         serving_s=serving_s,
-        classifier=ClassifierEvidence(
-            index_before=before[0],
-            index_after=after[0],
-            inference_count_before=before[1],
-            inference_count_after=after[1],
-            images_sent_between=sent,
-            loads_logged_before=before[2],
-            loads_logged_after=after[2],
-        ),
+        classifier=evidence,
         pruned=pruned,
         recovered=tuple(recovered),
     )
@@ -271,6 +285,7 @@ def _wait_until_serving(
     """Poll until `version` is READY and the ensemble answers with it; return the images sent meanwhile."""
     sent = 0
     while True:
+        raise_if_stopped()
         if client.is_model_ready(FORGET_STEP_MODEL, str(version)):
             sent += len(probe)
             if answers_with(client, probe, expected, vector_id):
@@ -346,6 +361,6 @@ def _roll_back(
 
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted (SIGINT or SIGTERM)"
+        return "interrupted (SIGINT)"
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
