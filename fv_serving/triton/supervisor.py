@@ -100,7 +100,10 @@ class RunState:
 
     @property
     def public_url(self) -> str | None:
-        return str(self.gateway["url"]) if self.gateway else None
+        """The gateway's address, for clients (None without a gateway)."""
+        from fv_serving.gateway.config import GatewayConfig
+
+        return GatewayConfig.from_json(self.gateway["config"]).url if self.gateway else None
 
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "server": self.server.to_json()}
