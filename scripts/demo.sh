@@ -28,13 +28,16 @@ fv stop --repository "$REPO"
 fv triton build --classifier-onnx "$OUT/classifier.onnx" --vector "$OUT/pullover.safetensors" --fused \
   --out "$REPO" --overwrite
 
-step "6. Serve it with the real tritonserver (detached), then ask it what it serves"
-fv serve --repository "$REPO" --detach
+step "6. Serve it: supervised tritonserver on loopback (model control locked by a key) + the nginx gateway"
+PUBLIC_PORT=$(python -c 'from fv_serving.net import free_port; print(free_port("127.0.0.1"))')
+fv serve --repository "$REPO" --detach --public "127.0.0.1:$PUBLIC_PORT"
 fv status --repository "$REPO"
 
-step "7. Infer 2000 test images through the server: the bare classifier, then the ensemble (Pullover forgotten)"
+step "7. Infer 2000 test images: the bare classifier on loopback, then the ensemble through the gateway"
 fv infer --repository "$REPO" --model classifier --data fashion-mnist --count 2000
-fv infer --repository "$REPO" --data fashion-mnist --count 2000
+fv infer --url "http://127.0.0.1:$PUBLIC_PORT" --repository "$REPO" --data fashion-mnist --count 2000
+echo "the bare classifier through the gateway (refused: only the public models are routed):"
+fv infer --url "http://127.0.0.1:$PUBLIC_PORT" --model classifier --data fashion-mnist --count 16 || true
 
 step "8. Learn a second vector, for 'Trouser' (quick: at most one epoch, no evaluation)"
 fv learn --classifier "$OUT/classifier.safetensors" --forget-class Trouser --max-epochs 1 --no-eval \
@@ -47,7 +50,7 @@ fv infer --repository "$REPO" --data fashion-mnist --count 2000
 step "10. Switch forgetting off: the ensemble answers like the original classifier again"
 fv switch --repository "$REPO" --off
 fv infer --repository "$REPO" --data fashion-mnist --count 2000
-fv status --repository "$REPO"
+fv status --repository "$REPO" --history
 
 step "11. Stop the server"
 fv stop --repository "$REPO"
