@@ -98,7 +98,7 @@ def run(artifacts: Path, out_dir: Path) -> dict[str, Any]:
 
     is_forgotten = labels == forgotten
     # fuse_vector's classifier check (probe logits) running on the CUDA EP
-    fuse_vector(onnx.load(artifacts / "classifier.onnx"), vector, provider="cuda").graph
+    fuse_vector(onnx.load(artifacts / "classifier.onnx"), vector, provider="cuda")
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python " + " ".join(sys.argv),

@@ -263,7 +263,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     target = resolve_target(args, need_repository=False)
     assert target.url is not None
     names = class_names_of(target.repository) if target.repository else []
-    with TritonClient(target.url, protocol=args.protocol) as client:
+    with TritonClient(target.url, protocol=args.protocol, admin_key=target.admin_key) as client:
         io = client.model_io(args.model)
         chw = io.inputs[0].dims[1:]
         if args.data:

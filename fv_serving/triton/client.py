@@ -14,6 +14,9 @@ across a switch and whose repository-index entry is unchanged was not reloaded.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -185,7 +188,8 @@ class TritonClient:
             inputs = tuple(_spec(t) for t in meta.get("inputs", []))
             limit: int | None = None
             if self._headers is not None:
-                limit = self.model_config(model_name).max_batch_size
+                with contextlib.suppress(InferenceError):  # a gateway refuses config reads even with a key
+                    limit = self.model_config(model_name).max_batch_size
             elif inputs and inputs[0].dims and inputs[0].dims[0] != -1:
                 limit = 0  # the metadata shows no batch dim: not a batching model
             self._io[model_name] = ModelIO(
@@ -253,11 +257,22 @@ class TritonClient:
             raise InvalidInputError(f"{model_name}: batch_size must be in 1..{limit or 'its limit'}, got {size}")
         named = len(io.outputs) > 1
         logits, ids = [], []
-        for start in range(0, len(images), size):
-            out = self.infer_raw(model_name, {spec.name: images[start : start + size]})
+        start = 0
+        while start < len(images):
+            try:
+                out = self.infer_raw(model_name, {spec.name: images[start : start + size]})
+            except InferenceError as exc:
+                told = _told_batch_limit(str(exc))
+                if limit is not None or batch_size is not None or told is None or told >= size:
+                    raise
+                # The limit was unknown (no key to read the config): the server just said it; use it.
+                size = limit = told
+                self._io[model_name] = dataclasses.replace(io, max_batch_size=told)
+                continue
             logits.append(out[outputs[0]])
             if named:
                 ids += [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(out[ID_OUTPUT]).ravel()]
+            start += size
         return np.concatenate(logits), (ids if named else None)
 
     def infer_raw(self, model_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -300,6 +315,15 @@ class TritonClient:
             raise ServerError(
                 f"{what}: lost the connection to Triton at {self.url}: {type(exc).__name__}: {exc}"
             ) from exc
+
+
+#: How Triton and the gateway state a model's batch limit in their refusals.
+_BATCH_LIMIT_TOLD = re.compile(r"batch-size must be <= (\d+)|1 <= N <= (\d+)")
+
+
+def _told_batch_limit(message: str) -> int | None:
+    match = _BATCH_LIMIT_TOLD.search(message)
+    return int(match.group(1) or match.group(2)) if match else None
 
 
 def _describe(exc: InferenceServerException) -> str:

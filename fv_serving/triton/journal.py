@@ -32,12 +32,17 @@ def journal_path(repository: str | Path) -> Path:
     return Path(repository) / JOURNAL_FILENAME
 
 
+def entry(event: str, **fields: Any) -> dict[str, Any]:
+    """One journal entry, stamped with time and author."""
+    return {"event": event, "at": now_iso(), "by": who(), **fields}
+
+
 def append(repository: str | Path, event: str, **fields: Any) -> dict[str, Any]:
-    """Append one event (stamped with time and author) durably; returns what was written."""
-    entry = {"event": event, "at": now_iso(), "by": who(), **fields}
+    """Append one event durably to `<repository>/journal.jsonl`; returns what was written."""
+    record = entry(event, **fields)
     path = journal_path(repository)
     created = not path.exists()
-    line = (json.dumps(entry, sort_keys=True, default=str) + "\n").encode()
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
@@ -46,7 +51,7 @@ def append(repository: str | Path, event: str, **fields: Any) -> dict[str, Any]:
         os.close(fd)
     if created:
         fsync_path(path.parent)
-    return entry
+    return record
 
 
 def read(repository: str | Path) -> list[dict[str, Any]]:
@@ -57,11 +62,11 @@ def read(repository: str | Path) -> list[dict[str, Any]]:
     entries = []
     for line in path.read_text(errors="replace").splitlines():
         try:
-            entry = json.loads(line)
+            parsed = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(entry, dict):
-            entries.append(entry)
+        if isinstance(parsed, dict):
+            entries.append(parsed)
     return entries
 
 

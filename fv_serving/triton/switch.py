@@ -185,11 +185,10 @@ def activate_forget_step(
     log = Path(log_path) if log_path is not None else None
 
     with switch_lock(repo, timeout_s, f"switch to {step.vector_id}"):
+        _require_serving(client, repo, served_version(client), classifier, probe)  # this repository's server?
         recovered = recover(repo, client, timeout_s)
         previous = confirmed_version(repo)
-        previous_expected = ensemble_reference(classifier, published_step(repo, previous), probe)
-        previous_id = str(read_forget_step_metadata(repo, previous).get("vector_id", "?"))
-        _require_serving(client, repo, previous, probe, previous_expected, previous_id)
+        previous_expected, previous_id = _require_serving(client, repo, previous, classifier, probe)
         before = _classifier_snapshot(client, log, min_count=len(probe))  # the probe above has counted
         validated = time.monotonic()
         switch_id = journal.new_switch_id()
@@ -269,14 +268,24 @@ def answers_with(client: TritonClient, probe: np.ndarray, expected: np.ndarray, 
 
 
 def _require_serving(
-    client: TritonClient, repo: Path, version: int, probe: np.ndarray, expected: np.ndarray, vector_id: str
-) -> None:
+    client: TritonClient, repo: Path, version: int, classifier: onnx.ModelProto, probe: np.ndarray
+) -> tuple[np.ndarray, str]:
+    """Refuse unless the server answers like `repo`'s forget_step `version`; return its expected logits and id.
+
+    Checked before recovery too: recovery acts on the server, so it must be this repository's.
+    """
     served = served_version(client)
+    try:
+        expected = ensemble_reference(classifier, published_step(repo, version), probe)
+    except FVError as exc:
+        raise SwitchError(f"{exc}; nothing was changed") from exc
+    vector_id = str(read_forget_step_metadata(repo, version).get("vector_id", "?"))
     if served != version or not answers_with(client, probe, expected, vector_id):
         raise SwitchError(
-            f"the server at {client.url} does not answer with {repo}'s confirmed forget_step version {version} "
+            f"the server at {client.url} does not answer with {repo}'s forget_step version {version} "
             f"(it has version {served} READY): wrong --url / --repository pair? Nothing was changed."
         )
+    return expected, vector_id
 
 
 def _wait_until_serving(
