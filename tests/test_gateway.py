@@ -376,14 +376,24 @@ def test_rendered_conf_is_deterministic_and_routes_only_public_paths() -> None:
     config = _gateway(models=(_model(), _model(name="mnist", upstream_model="unlearned_v2")))
     text = render_nginx_conf(config)
     assert text == render_nginx_conf(config)
-    assert "proxy_pass http://fv_triton/v2/models/unlearned_v2/infer;" in text
     assert "location = /v2/models/mnist/infer {" in text
+    # the model routes rewrite to the live route (routes.lua) and proxy that URI as is
+    assert 'require("fv_gateway_routes").route("mnist", "/infer")' in text
+    assert 'require("fv_gateway_routes").route("mnist", "/ready")' in text
+    assert '"mnist":{"allowed":["unlearned_v2"],"default":"unlearned_v2"}' in text
     # only the five routes per public model (health x2, metadata, ready, infer) go upstream
     proxied = [line.strip() for line in text.splitlines() if line.strip().startswith("proxy_pass ")]
+    assert sorted(set(proxied)) == [
+        "proxy_pass http://fv_triton/v2/health/live;",
+        "proxy_pass http://fv_triton/v2/health/ready;",
+        "proxy_pass http://fv_triton;",
+    ]
     assert len(proxied) == 2 + 3 * 2
-    assert all("/v2/models/classifier" not in line and "/v2/repository" not in line for line in proxied)
+    assert text.count("rewrite_by_lua_block") == 3 * 2
     assert "user nobody nogroup;" in text
     assert "proxy_pass_request_headers off;" in text
+    # no admin listener unless asked for, and then no key in the file, only its variable's name
+    assert "/fv/" not in text and "FV_ADMIN_KEY" not in text
 
 
 @pytest.mark.gateway
@@ -400,6 +410,8 @@ def test_missing_nginx_or_modules_name_the_debian_packages(tmp_path: Path) -> No
 def test_check_lua_ships_as_package_data() -> None:
     source = resources.files("fv_serving.gateway").joinpath("check.lua").read_text()
     assert "function M.check" in source
+    routes = resources.files("fv_serving.gateway").joinpath("routes.lua").read_text()
+    assert "function M.route" in routes and "function M.put" in routes
 
 
 @pytest.mark.gateway

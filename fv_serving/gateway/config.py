@@ -10,6 +10,11 @@ The request checks need, per public model: the one input's name, datatype and di
 (batch dim excluded), the batch limit, the output names and the pixel range. A
 caller reads them from the Triton config of the model it exposes
 (`PublicModel.from_model_config`).
+
+Routes: a public model is served by one Triton model at a time, chosen among the
+`routes` it allows; `upstream_model` is the route a run dir starts on. The live route
+is state kept by the running gateway (routes.lua, `routes.json` in the run dir) and
+changed through the admin listener (`admin_port`), never by editing the config.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-
 _RESERVED_MODEL_NAMES = frozenset({"stats"})
 # A run dir is written into nginx.conf unquoted-safe: no whitespace, quotes, braces, `;`, `$`, `#`, `\`.
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9_./+@%=,:-]*")
+#: The live routes' file, in GatewayConfig.routes_dir.
+ROUTES_FILENAME = "routes.json"
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,11 @@ class PublicModel:
 
     `dims` excludes the batch dim: a request's shape must be `[N, *dims]` with
     `1 <= N <= max_batch_size`. `pixel_range=None` only requires finite values.
-    `upstream_model` is the Triton model the public name is routed to (default: the
-    same name); flipping it on reload is how a fleet moves every caller at once.
+    `upstream_model` is the Triton model the public name is routed to when no live
+    route is stored yet (default: the same name). `routes` are the Triton models it may
+    be routed to at run time (through the admin API; default: only `upstream`); every
+    one of them must take the same input and answer the same outputs, since the checks
+    are the public model's.
     """
 
     name: str
@@ -70,6 +80,7 @@ class PublicModel:
     datatype: str = "FP32"
     pixel_range: tuple[float, float] | None = (0.0, 1.0)
     upstream_model: str | None = None
+    routes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _check_name("PublicModel.name", self.name)
@@ -100,6 +111,18 @@ class PublicModel:
             object.__setattr__(self, "pixel_range", _check_range(where, self.pixel_range))
         if self.upstream_model is not None:
             _check_name(f"{where}: upstream_model", self.upstream_model)
+        routes = tuple(self.routes) if isinstance(self.routes, (list, tuple)) else self.routes
+        if not isinstance(routes, tuple):
+            raise InvalidInputError(f"{where}: routes must be a sequence of Triton model names, got {routes!r}")
+        for route in routes:
+            _check_name(f"{where}: route", route)
+        if len(set(routes)) != len(routes):
+            raise InvalidInputError(f"{where}: routes must be unique, got {list(routes)}")
+        if routes and self.upstream not in routes:
+            raise InvalidInputError(
+                f"{where}: routes {list(routes)} must include the default route (upstream_model) {self.upstream!r}"
+            )
+        object.__setattr__(self, "routes", routes)
         if self.max_body_bytes > MAX_BODY_CAP_BYTES:
             raise InvalidInputError(
                 f"{where}: a request may be {self.max_body_bytes} bytes (max_batch_size {self.max_batch_size} x "
@@ -109,8 +132,13 @@ class PublicModel:
 
     @property
     def upstream(self) -> str:
-        """The Triton model name requests are sent to."""
+        """The default route: the Triton model requests go to until a live route is set."""
         return self.upstream_model or self.name
+
+    @property
+    def allowed_routes(self) -> tuple[str, ...]:
+        """The Triton models this public model may be routed to (`routes`, or only `upstream`)."""
+        return self.routes or (self.upstream,)
 
     @property
     def values_per_item(self) -> int:
@@ -146,6 +174,7 @@ class PublicModel:
             "outputs": list(self.outputs),
             "pixel_range": list(self.pixel_range) if self.pixel_range is not None else None,
             "upstream_model": self.upstream_model,
+            "routes": list(self.routes),
         }
 
     @classmethod
@@ -161,12 +190,14 @@ class PublicModel:
         name: str | None = None,
         pixel_range: tuple[float, float] | None = (0.0, 1.0),
         upstream_model: str | None = None,
+        routes: Sequence[str] = (),
     ) -> PublicModel:
         """The public model for a Triton model config (config.pbtxt parsed into Triton's ModelConfig).
 
         Input name, datatype, dims and max_batch_size come from the config, outputs
         from its output list. `name` defaults to the config's name; give another one
-        (with `upstream_model=config.name`) to expose it under a stable public name.
+        (with `upstream_model=config.name`) to expose it under a stable public name, and
+        `routes` for the other Triton models (same input and outputs) it may be flipped to.
         """
         from fv_serving.triton.model_config import wire_type
 
@@ -195,6 +226,7 @@ class PublicModel:
             outputs=tuple(o.name for o in config.output),
             pixel_range=pixel_range,
             upstream_model=upstream_model,
+            routes=tuple(routes),
         )
 
 
@@ -204,8 +236,16 @@ class GatewayConfig:
 
     `upstreams` are "host:port" Triton HTTP endpoints used round-robin (a failed one is
     skipped for the request and retried later). `run_dir` holds nginx.conf, the Lua
-    checks, logs, pid and temp folders; nothing secret ever goes there. When nginx is
-    started as root its workers run as `worker_user` (user, group).
+    checks, logs, pid, temp folders and the live routes (routes/routes.json); nothing
+    secret ever goes there. When nginx is started as root its workers run as
+    `worker_user` (user, group).
+
+    `admin_port` (default: none) opens the admin listener on `admin_host`: GET
+    /fv/routes and PUT /fv/routes/<public>, for callers that send the `fv-admin-key`
+    header equal to nginx's $FV_ADMIN_KEY. With `admin_passthrough` it also proxies
+    every other path to Triton with the caller's headers (Triton's model control,
+    which checks the key itself): only with one upstream, since a model-control call
+    must reach the one Triton it is meant for.
     """
 
     host: str
@@ -218,6 +258,9 @@ class GatewayConfig:
     worker_user: tuple[str, str] = ("nobody", "nogroup")
     upstream_keepalive: int = 16
     read_timeout_s: int = 60
+    admin_host: str = "127.0.0.1"
+    admin_port: int | None = None
+    admin_passthrough: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -263,6 +306,34 @@ class GatewayConfig:
         if user[0] == "root":
             raise InvalidInputError("GatewayConfig.worker_user must not be root: workers parse hostile requests")
         object.__setattr__(self, "worker_user", user)
+        self._check_admin()
+
+    def _check_admin(self) -> None:
+        try:
+            ipaddress.ip_address(self.admin_host)
+        except ValueError:
+            raise InvalidInputError(
+                f"GatewayConfig.admin_host must be an IP address to listen on, got {self.admin_host!r}"
+            ) from None
+        if not isinstance(self.admin_passthrough, bool):
+            raise InvalidInputError(
+                f"GatewayConfig.admin_passthrough must be true or false, got {self.admin_passthrough!r}"
+            )
+        if self.admin_port is None:
+            if self.admin_passthrough:
+                raise InvalidInputError("GatewayConfig.admin_passthrough needs an admin listener: set admin_port")
+            return
+        _check_int("GatewayConfig.admin_port", self.admin_port, 1, 65535)
+        if self.admin_port == self.port:
+            raise InvalidInputError(
+                f"GatewayConfig.admin_port must differ from the public port {self.port}: "
+                "the admin API is never served on the public listener"
+            )
+        if self.admin_passthrough and len(self.upstreams) != 1:
+            raise InvalidInputError(
+                f"GatewayConfig.admin_passthrough needs exactly one upstream, got {len(self.upstreams)} "
+                f"({list(self.upstreams)}): a model-control call must reach the one Triton it is meant for"
+            )
 
     # the run dir's layout
 
@@ -287,17 +358,30 @@ class GatewayConfig:
         return f"{self.run_dir}/nginx.pid"
 
     @property
+    def routes_dir(self) -> str:
+        """The one folder nginx's workers write (owned by `worker_user` when started as root)."""
+        return f"{self.run_dir}/routes"
+
+    @property
+    def routes_path(self) -> str:
+        """The live routes, written by the gateway on every change, read when nginx (re)loads its config."""
+        return f"{self.routes_dir}/{ROUTES_FILENAME}"
+
+    @property
     def client_host(self) -> str:
         """The address a local client connects to (a wildcard listen address is reached on loopback)."""
-        address = ipaddress.ip_address(self.host)
-        if address.is_unspecified:
-            address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
-        return str(address)
+        return _client_host(self.host)
 
     @property
     def url(self) -> str:
-        host = self.client_host
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return _url(self.client_host, self.port)
+
+    @property
+    def admin_url(self) -> str | None:
+        """Where a local client reaches the admin listener (None without one)."""
+        if self.admin_port is None:
+            return None
+        return _url(_client_host(self.admin_host), self.admin_port)
 
     def model(self, name: str) -> PublicModel:
         for model in self.models:
@@ -317,6 +401,9 @@ class GatewayConfig:
             "worker_user": list(self.worker_user),
             "upstream_keepalive": self.upstream_keepalive,
             "read_timeout_s": self.read_timeout_s,
+            "admin_host": self.admin_host,
+            "admin_port": self.admin_port,
+            "admin_passthrough": self.admin_passthrough,
         }
 
     @classmethod
@@ -327,6 +414,17 @@ class GatewayConfig:
             raise InvalidInputError(f"GatewayConfig.models must be a list of objects, got {models!r}")
         fields["models"] = tuple(PublicModel.from_json(m) for m in models)
         return cls(**fields)
+
+
+def _client_host(host: str) -> str:
+    address = ipaddress.ip_address(host)
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    return str(address)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 # -- validators --------------------------------------------------------------------------------------

@@ -1,11 +1,14 @@
 """nginx.conf for a gateway deployment, rendered from its GatewayConfig (pure, deterministic).
 
 What the rendered config does, and why:
-- Only five routes reach Triton, each an exact-match location whose proxy_pass URI
-  is written here: GET /v2/health/live, GET /v2/health/ready, GET /v2/models/{public}
-  (metadata), GET /v2/models/{public}/ready and POST /v2/models/{public}/infer, the
-  latter three rewritten to the public model's upstream Triton model. Whatever path
-  encoding a caller tries, Triton only ever sees a URI from this file.
+- Only five routes reach Triton, each an exact-match location: GET /v2/health/live,
+  GET /v2/health/ready (proxied to a URI written here), GET /v2/models/{public}
+  (metadata), GET /v2/models/{public}/ready and POST /v2/models/{public}/infer. The
+  latter three read the public model's live route from the shared dict per request
+  (routes.lua, rewrite phase) and rewrite the URI to /v2/models/{route}/...; a
+  `proxy_pass` without URI then sends exactly that rewritten URI. Whatever path
+  encoding a caller tries, Triton only ever sees a URI built from this file and a
+  route the config allows.
 - Known Triton APIs (repository, config, statistics, shared memory, trace, logging,
   server metadata, versioned paths) answer 403; other models and paths 404. Every
   error nginx itself produces is a JSON body `{"error": "..."}`.
@@ -18,6 +21,11 @@ What the rendered config does, and why:
   request whose replica died mid-request is retried on another one.
 - Started as root, nginx runs its workers as `worker_user`; all paths are absolute
   and inside the run dir.
+- With `admin_port`, a second server (the admin listener) serves GET /fv/routes and
+  PUT /fv/routes/{public} (routes.lua checks the fv-admin-key header against
+  $FV_ADMIN_KEY, kept by `env FV_ADMIN_KEY;`); with `admin_passthrough`, every other
+  path is proxied to Triton after the same check, with the caller's headers. The
+  public server has no /fv/ location at all: there it is a plain 404.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import json
 from collections.abc import Sequence
 
 from fv_serving.errors import InvalidInputError
-from fv_serving.gateway.config import GatewayConfig, PublicModel
+from fv_serving.gateway.config import MAX_BODY_CAP_BYTES, ROUTES_FILENAME, GatewayConfig, PublicModel
 
 #: Where Debian 12's libnginx-mod-http-ndk / libnginx-mod-http-lua put their modules (load order matters).
 DEBIAN_MODULES = (
@@ -35,7 +43,19 @@ DEBIAN_MODULES = (
 )
 #: The Lua module name of check.lua inside the run dir's lua folder.
 LUA_MODULE = "fv_gateway_check"
+#: The Lua module name of routes.lua (live routes, admin API).
+ROUTES_MODULE = "fv_gateway_routes"
+#: Package file -> Lua module name: what the run dir's lua folder holds.
+LUA_FILES = {"check.lua": LUA_MODULE, "routes.lua": ROUTES_MODULE}
 UPSTREAM = "fv_triton"
+#: The shared dict of the live routes. Its size never changes, so nginx keeps the zone (and the
+#: routes) across reloads, and old and new workers share it while a reload finishes.
+ROUTES_DICT = "fv_routes"
+ROUTES_DICT_SIZE = "1m"
+#: The variable nginx keeps for its workers (`env`): the admin key, never written to a file.
+ADMIN_KEY_ENV = "FV_ADMIN_KEY"
+#: The largest body the admin passthrough takes (a model load with file overrides).
+ADMIN_PASSTHROUGH_BODY_CAP = MAX_BODY_CAP_BYTES
 
 # Bodies for the errors nginx generates itself (the Lua checks write their own).
 _ERROR_MESSAGES = {
@@ -93,6 +113,7 @@ def render_nginx_conf(
         _check_path(path)
     limits = {"models": {m.name: m.limits() for m in config.models}}
     limits_json = json.dumps(limits, sort_keys=True, separators=(",", ":"))
+    routes_json = json.dumps(routes_spec(config), sort_keys=True, separators=(",", ":"))
     cpath = "".join(f"{folder}/?.so;" for folder in lua_cpath)
     lines = [
         "# Rendered by fv_serving.gateway.nginx_conf; do not edit: the gateway rewrites it on reload.",
@@ -103,6 +124,7 @@ def render_nginx_conf(
         "master_process on;",
         f"pid {config.pid_path};",
         f"error_log {config.error_log} warn;",
+        *([f"env {ADMIN_KEY_ENV};"] if config.admin_port is not None else []),
         "",
         f"events {{ worker_connections {config.worker_connections}; }}",
         "",
@@ -110,8 +132,10 @@ def render_nginx_conf(
         *_indent(_http_settings(config)),
         f'    lua_package_path "{config.lua_dir}/?.lua;;";',
         *([f'    lua_package_cpath "{cpath};";'] if cpath else []),
+        f"    lua_shared_dict {ROUTES_DICT} {ROUTES_DICT_SIZE};",
         "    init_by_lua_block {",
         f'        require("{LUA_MODULE}").configure([==[{limits_json}]==])',
+        f'        require("{ROUTES_MODULE}").configure([==[{routes_json}]==])',
         "    }",
         "",
         f"    upstream {UPSTREAM} {{",
@@ -122,9 +146,20 @@ def render_nginx_conf(
         "    server {",
         *_indent(_server(config), 2),
         "    }",
+        *(["", "    server {", *_indent(_admin_server(config), 2), "    }"] if config.admin_port is not None else []),
         "}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def routes_spec(config: GatewayConfig) -> dict[str, object]:
+    """What routes.lua reads at config load: the dict, where routes.json lies, each model's default and routes."""
+    return {
+        "dict": ROUTES_DICT,
+        "dir": config.routes_dir,
+        "file": ROUTES_FILENAME,
+        "models": {m.name: {"default": m.upstream, "allowed": list(m.allowed_routes)} for m in config.models},
+    }
 
 
 def _http_settings(config: GatewayConfig) -> list[str]:
@@ -163,15 +198,22 @@ def _http_settings(config: GatewayConfig) -> list[str]:
     ]
 
 
+def _error_pages() -> list[str]:
+    lines = [f"error_page {code} @fv_error_{code};" for code in _ERROR_MESSAGES]
+    for code, message in _ERROR_MESSAGES.items():
+        lines += [f"location @fv_error_{code} {{ return {code} {_json_text(message)}; }}"]
+    return lines
+
+
+def _listen(host: str, port: int) -> str:
+    return f"listen [{host}]:{port};" if ":" in host else f"listen {host}:{port};"
+
+
 def _server(config: GatewayConfig) -> list[str]:
-    host = f"[{config.host}]" if ":" in config.host else config.host
     # Refused routes answer 403/404 whatever body comes with the request (nginx discards it
     # unread); the routes to Triton set their own caps.
     largest = max(m.max_body_bytes for m in config.models)
-    lines = [f"listen {host}:{config.port};", f"client_max_body_size {largest};"]
-    lines += [f"error_page {code} @fv_error_{code};" for code in _ERROR_MESSAGES]
-    for code, message in _ERROR_MESSAGES.items():
-        lines += [f"location @fv_error_{code} {{ return {code} {_json_text(message)}; }}"]
+    lines = [_listen(config.host, config.port), f"client_max_body_size {largest};", *_error_pages()]
     lines += ["", "# routes that reach Triton"]
     for path in ("/v2/health/live", "/v2/health/ready"):
         lines += _get_route(path, path)
@@ -190,39 +232,81 @@ def _server(config: GatewayConfig) -> list[str]:
 
 
 def _model_routes(model: PublicModel) -> list[str]:
-    public, upstream = f"/v2/models/{model.name}", f"/v2/models/{model.upstream}"
+    public = f"/v2/models/{model.name}"
     cap = model.max_body_bytes
     return [
-        *_get_route(public, upstream),
-        *_get_route(f"{public}/ready", f"{upstream}/ready"),
+        *_get_route(public, _route(model, "")),
+        *_get_route(f"{public}/ready", _route(model, "/ready")),
         f"location = {public}/infer {{",
         f"    {_POST_ONLY}",
         '    set $fv_header_length "";',
         f"    client_max_body_size {cap};",
         f"    client_body_buffer_size {cap};",
+        f"    {_route(model, '/infer')}",
         f'    access_by_lua_block {{ require("{LUA_MODULE}").check("{model.name}") }}',
-        *_indent(_proxy_to(f"{upstream}/infer", body=True)),
+        *_indent(_proxy_to(None, body=True)),
         "}",
     ]
 
 
-def _get_route(public_path: str, upstream_path: str) -> list[str]:
+def _route(model: PublicModel, suffix: str) -> str:
+    """The rewrite to the live route: /v2/models/{route}{suffix}, read from the shared dict per request."""
+    return f'rewrite_by_lua_block {{ require("{ROUTES_MODULE}").route("{model.name}", "{suffix}") }}'
+
+
+def _get_route(public_path: str, target: str) -> list[str]:
+    """`target`: a fixed upstream path, or the rewrite_by_lua line of a live route."""
+    rewrite = target.startswith("rewrite_by_lua")
     return [
         f"location = {public_path} {{",
         f"    {_GET_ONLY}",
-        *_indent(_proxy_to(upstream_path, body=False)),
+        *([f"    {target}"] if rewrite else []),
+        *_indent(_proxy_to(None if rewrite else target, body=False)),
         "}",
     ]
 
 
-def _proxy_to(upstream_path: str, *, body: bool) -> list[str]:
-    """Headers are set per location: one proxy_set_header here would drop every inherited one."""
+def _proxy_to(upstream_path: str | None, *, body: bool) -> list[str]:
+    """Headers are set per location: one proxy_set_header here would drop every inherited one.
+
+    `upstream_path=None`: the URI the rewrite phase set is sent as is (proxy_pass without URI).
+    """
     lines = ['set $args "";', 'proxy_set_header Connection "";']
     if body:
         lines += ["proxy_set_header Inference-Header-Content-Length $fv_header_length;"]
     else:
         lines += ["client_max_body_size 1k;", "proxy_pass_request_body off;", 'proxy_set_header Content-Length "";']
-    return [*lines, f"proxy_pass http://{UPSTREAM}{upstream_path};"]
+    return [*lines, f"proxy_pass http://{UPSTREAM}{upstream_path or ''};"]
+
+
+def _admin_server(config: GatewayConfig) -> list[str]:
+    """The admin listener: the routes API, and with admin_passthrough everything else to Triton (key checked)."""
+    assert config.admin_port is not None
+    module = f'require("{ROUTES_MODULE}")'
+    lines = [
+        _listen(config.admin_host, config.admin_port),
+        "client_max_body_size 4k;",
+        "client_body_buffer_size 4k;",
+        *_error_pages(),
+        "",
+        f"location = /fv/routes {{ content_by_lua_block {{ {module}.list() }} }}",
+        f"location ^~ /fv/routes/ {{ content_by_lua_block {{ {module}.put() }} }}",
+        f"location ^~ /fv/ {{ return 404 {_json_text('unknown admin API: GET /fv/routes, PUT /fv/routes/NAME')}; }}",
+    ]
+    if not config.admin_passthrough:
+        return [*lines, f"location / {{ return 404 {_json_text('not found: this admin listener serves /fv/ only')}; }}"]
+    return [
+        *lines,
+        "# everything else goes to the one Triton, with the caller's headers (Triton checks the key too)",
+        "location / {",
+        f"    client_max_body_size {ADMIN_PASSTHROUGH_BODY_CAP};",
+        f"    access_by_lua_block {{ {module}.authorise() }}",
+        "    proxy_pass_request_headers on;",
+        "    proxy_request_buffering off;",
+        "    proxy_next_upstream off;",  # model control is not idempotent: never sent twice
+        f"    proxy_pass http://{UPSTREAM};",
+        "}",
+    ]
 
 
 def _json_text(message: str) -> str:

@@ -1,9 +1,16 @@
 """Lifecycle of one gateway nginx: write its run dir, validate, start, reload, stop, find it again.
 
 The run dir (GatewayConfig.run_dir) holds everything the process reads: nginx.conf,
-lua/fv_gateway_check.lua (a copy of the package's check.lua, so an upgrade of the
-package never changes a running gateway under it), error.log, nginx.pid, tmp/ and
-gateway.json (the state another process needs to find, reload or stop it).
+lua/ (copies of the package's check.lua and routes.lua, so an upgrade of the package
+never changes a running gateway under it), error.log, nginx.pid, tmp/, routes/ (the
+live routes, routes.json: the one folder the workers write, theirs when started as
+root) and gateway.json (the state another process needs to find, reload or stop it).
+No secret: the admin key reaches nginx only through its environment ($FV_ADMIN_KEY,
+from `admin_key` or the caller's environment, and only with an admin listener).
+
+Routes: `route(public, upstream)` flips a public model through the admin listener
+(one shared-dict write in nginx, no reload: keep-alive connections stay open);
+`reload` keeps the live routes the new config still allows.
 
 How each step is guarded:
 - every config is checked with `nginx -t` before nginx sees it, and written
@@ -37,7 +44,8 @@ from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.errors import InvalidInputError, ServerError
 from fv_serving.gateway.config import GatewayConfig
 from fv_serving.gateway.install import NginxInstall, find_nginx
-from fv_serving.gateway.nginx_conf import LUA_MODULE, render_nginx_conf
+from fv_serving.gateway.nginx_conf import ADMIN_KEY_ENV, LUA_FILES, render_nginx_conf
+from fv_serving.gateway.routes import check_key, routes, set_route
 from fv_serving.procfs import children, cmdline, file_size, group_members, is_alive, log_tail
 
 STATE_FILENAME = "gateway.json"
@@ -55,7 +63,9 @@ class Gateway:
             client = tritonclient.http.InferenceServerClient(gateway.url.removeprefix("http://"))
 
     `config.run_dir` is created if needed and kept after stop (its logs explain what
-    happened). `install` defaults to `find_nginx()`.
+    happened). `install` defaults to `find_nginx()`. `admin_key` is the key the admin
+    listener checks (default: $FV_ADMIN_KEY of this process; none or empty: the admin
+    API refuses everything); it is handed to nginx in its environment only.
     """
 
     def __init__(
@@ -65,9 +75,12 @@ class Gateway:
         install: NginxInstall | None = None,
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
         grace_s: float = DEFAULT_GRACE_S,
+        admin_key: str | None = None,
     ) -> None:
         self._config = config
         self._install = install
+        key = os.environ.get(ADMIN_KEY_ENV, "") if admin_key is None else admin_key
+        self._admin_key = check_key(key.strip()) if key.strip() else None
         self.ready_timeout_s = ready_timeout_s
         self.grace_s = grace_s
         self._process: subprocess.Popen[bytes] | None = None
@@ -84,6 +97,11 @@ class Gateway:
     @property
     def url(self) -> str:
         return self._config.url
+
+    @property
+    def admin_url(self) -> str | None:
+        """The admin listener's address (None without one)."""
+        return self._config.admin_url
 
     @property
     def pid(self) -> int:
@@ -128,10 +146,7 @@ class Gateway:
         other = _running_from(config.run_dir)
         if other is not None:
             raise ServerError(f"a gateway already runs from {config.run_dir} (pid {other}): stop it first")
-        conf = Path(config.conf_path)
-        os.replace(self._checked_candidate(config), conf)
-        install = self.install
-        command = [install.executable, "-c", str(conf), "-p", f"{config.run_dir}/", "-e", config.error_log]
+        command = self.prepare()
         with open(self.run_dir / OUTPUT_FILENAME, "ab") as output:
             self._process = subprocess.Popen(
                 command,
@@ -139,7 +154,7 @@ class Gateway:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 cwd=config.run_dir,
-                env=_nginx_env(),
+                env=_nginx_env(self._admin_key),
                 start_new_session=True,  # own process group: stop() takes the workers with it
             )
         self._pid = self._process.pid
@@ -153,8 +168,25 @@ class Gateway:
         atexit.register(self.stop)
         return self
 
+    def prepare(self) -> list[str]:
+        """Write and validate the run dir (nginx.conf, Lua modules, routes folder); return the nginx command.
+
+        What start() runs; also for an nginx that something else starts (a container's
+        command), which then needs $FV_ADMIN_KEY in its environment for the admin API.
+        A stored routes.json is kept: the next nginx comes back on the last routes.
+        """
+        config = self._config
+        conf = Path(config.conf_path)
+        os.replace(self._checked_candidate(config), conf)
+        return [self.install.executable, "-c", str(conf), "-p", f"{config.run_dir}/", "-e", config.error_log]
+
     def reload(self, new_config: GatewayConfig) -> None:
-        """Serve `new_config` without dropping connections; on any failure the previous config keeps serving.
+        """Serve `new_config`; on any failure the previous config keeps serving.
+
+        In-flight requests finish, but the old workers close their idle keep-alive client
+        connections (a client's next request on one may fail): to move callers between
+        Triton models under load, use `route`, not a reload. Live routes are kept when
+        `new_config` still allows them, else its default applies.
 
         Raises ServerError if nginx refuses the config (nothing changed) or does not
         take it (the previous nginx.conf is restored).
@@ -180,6 +212,27 @@ class Gateway:
             raise ServerError(f"nginx did not take the new config; {now}: {exc}") from None
         self._config = new_config
         write_json_atomic(self.run_dir / STATE_FILENAME, self.to_json())
+
+    def route(self, public: str, upstream: str, timeout_s: float = 10.0) -> None:
+        """Route public model `public` to Triton model `upstream` now (admin API; no reload). ServerError if refused."""
+        set_route(self._require_admin(), public, upstream, key=self._require_key(), timeout_s=timeout_s)
+
+    def routes(self, timeout_s: float = 10.0) -> dict[str, str]:
+        """The live routes: public model -> Triton model (admin API)."""
+        return routes(self._require_admin(), key=self._require_key(), timeout_s=timeout_s)
+
+    def _require_admin(self) -> str:
+        if self._config.admin_url is None:
+            raise ServerError("this gateway has no admin listener (GatewayConfig.admin_port): its routes cannot change")
+        return self._config.admin_url
+
+    def _require_key(self) -> str:
+        if self._admin_key is None:
+            raise ServerError(
+                f"this gateway was started without an admin key (admin_key or ${ADMIN_KEY_ENV}): "
+                "its admin API refuses every call"
+            )
+        return self._admin_key
 
     def stop(self) -> None:
         """SIGQUIT (graceful), then SIGKILL of the process group after `grace_s`. Idempotent."""
@@ -258,13 +311,15 @@ class Gateway:
         return candidate
 
     def _write_files(self, config: GatewayConfig, conf: Path) -> None:
-        """The run dir, the Lua checks and `conf`; readable by unprivileged workers."""
-        for folder in (Path(config.run_dir), Path(config.lua_dir), Path(config.temp_dir)):
+        """The run dir, the Lua modules and `conf`; readable by unprivileged workers."""
+        for folder in (Path(config.run_dir), Path(config.lua_dir), Path(config.temp_dir), Path(config.routes_dir)):
             if not folder.is_dir():  # an existing folder keeps its mode (it may be private on purpose)
                 folder.mkdir(parents=True)
                 folder.chmod(0o755)
-        source = resources.files("fv_serving.gateway").joinpath("check.lua").read_bytes()
-        write_bytes_atomic(Path(config.lua_dir) / f"{LUA_MODULE}.lua", source)
+        _give_to_workers(Path(config.routes_dir), config.worker_user)
+        package = resources.files("fv_serving.gateway")
+        for filename, module in LUA_FILES.items():
+            write_bytes_atomic(Path(config.lua_dir) / f"{module}.lua", package.joinpath(filename).read_bytes())
         install = self.install
         text = render_nginx_conf(config, modules=install.modules, lua_cpath=install.lua_cpath)
         write_bytes_atomic(conf, text.encode())
@@ -358,14 +413,39 @@ def _running_from(run_dir: str) -> int | None:
     return other.pid if other.is_running() else None
 
 
-def _nginx_env() -> dict[str, str]:
-    """nginx's environment: PATH only.
+def _nginx_env(admin_key: str | None = None) -> dict[str, str]:
+    """nginx's environment: PATH, and FV_ADMIN_KEY when there is a key.
 
-    Nothing of ours (credentials, LUA_PATH/LUA_CPATH that would make the root master
-    load other Lua code) reaches the gateway. Its working directory is the run dir
-    for the same reason: LuaJIT's default path starts with ./?.lua.
+    The master keeps the key for the workers only when nginx.conf says `env FV_ADMIN_KEY;`
+    (an admin listener; also one a later reload adds); otherwise no worker sees it.
+
+    Nothing else of ours (other credentials, LUA_PATH/LUA_CPATH that would make the
+    root master load other Lua code) reaches the gateway. Its working directory is the
+    run dir for the same reason: LuaJIT's default path starts with ./?.lua.
     """
-    return {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}
+    if admin_key:
+        env[ADMIN_KEY_ENV] = admin_key
+    return env
+
+
+def _give_to_workers(folder: Path, worker_user: tuple[str, str]) -> None:
+    """Started as root, nginx's workers run as `worker_user`: the routes folder (only it) must be theirs.
+
+    They reach it through a descriptor the master opens, so private parent folders are fine.
+    """
+    if os.geteuid() != 0:
+        return
+    import grp
+    import pwd
+
+    try:
+        uid, gid = pwd.getpwnam(worker_user[0]).pw_uid, grp.getgrnam(worker_user[1]).gr_gid
+    except KeyError as exc:
+        raise ServerError(f"the gateway's worker_user {worker_user} does not exist on this host: {exc}") from None
+    stat = folder.stat()
+    if (stat.st_uid, stat.st_gid) != (uid, gid):
+        os.chown(folder, uid, gid)
 
 
 def _answers(config: GatewayConfig) -> bool:
