@@ -161,6 +161,86 @@ def measure_latency(url: str, images: np.ndarray, batch_sizes: list[int], rounds
     return results
 
 
+# -- what the hardening costs ------------------------------------------------------------------------
+
+
+def strip_ids(repository: Path, out: Path) -> Path:
+    """A copy of `repository` whose forget step and ensemble answer without the vector_id output: the
+    ensemble as it was before answers named their vector (the reference the hardening is priced against)."""
+    import shutil
+
+    from onnx.utils import extract_model
+
+    from fv_serving.onnx.graph import ID_OUTPUT, STEP_INPUT, STEP_OUTPUT
+    from fv_serving.triton import model_config as mcfg
+    from fv_serving.triton.repository import FORGET_STEP_MODEL, confirmed_version
+
+    shutil.copytree(repository, out)
+    version = out / FORGET_STEP_MODEL / str(confirmed_version(out))
+    extract_model(str(version / "model.onnx"), str(version / "model.onnx"), [STEP_INPUT], [STEP_OUTPUT])
+    for name in (FORGET_STEP_MODEL, ENSEMBLE_MODEL):
+        config = mcfg.read_config(out / name)
+        kept = [o for o in config.output if o.name != ID_OUTPUT]
+        del config.output[:]
+        config.output.extend(kept)
+        for step in config.ensemble_scheduling.step:
+            step.output_map.pop(ID_OUTPUT, None)
+        mcfg.write_config(out / name, config)
+    return out
+
+
+def measure_hardening_cost(
+    repository: Path, workdir: Path, images: np.ndarray, batch_sizes: list[int], rounds: int, requests: int
+) -> dict[str, Any]:
+    """p50 of the ensemble without the id output (direct), with it (direct), and with it through the gateway."""
+    from fv_serving.gateway.config import GatewayConfig, PublicModel
+    from fv_serving.gateway.process import Gateway
+    from fv_serving.net import free_port
+    from fv_serving.triton import model_config as mcfg
+
+    plain_repo = strip_ids(repository, workdir / "repo-no-ids")
+    with (
+        TritonServer(repository, [ENSEMBLE_MODEL], run_dir=workdir / "run-ids") as hardened,
+        TritonServer(plain_repo, [ENSEMBLE_MODEL], run_dir=workdir / "run-plain") as plain,
+    ):
+        config = GatewayConfig(
+            host="127.0.0.1",
+            port=free_port("127.0.0.1"),
+            upstreams=(f"127.0.0.1:{hardened.state.http_port}",),
+            models=(PublicModel.from_model_config(mcfg.read_config(repository / ENSEMBLE_MODEL)),),
+            run_dir=str(workdir / "gateway"),
+        )
+        with Gateway(config) as gateway:
+            variants = {
+                "ensemble, no id output (direct)": plain.http_url,
+                "ensemble + id output (direct)": hardened.http_url,
+                "ensemble + id output, through the gateway": gateway.url,
+            }
+            clients = {name: TritonClient(url) for name, url in variants.items()}
+            pairs = [(v, b) for b in batch_sizes for v in variants]
+            times: dict[tuple[str, int], list[float]] = {p: [] for p in pairs}
+            rng = np.random.default_rng(1)
+            for variant, batch in pairs:
+                _block(clients[variant], ENSEMBLE_MODEL, {"image": images[:batch]}, 20)
+            for _ in range(rounds):
+                for i in rng.permutation(len(pairs)):
+                    variant, batch = pairs[i]
+                    times[pairs[i]] += _block(clients[variant], ENSEMBLE_MODEL, {"image": images[:batch]}, requests)
+            for client in clients.values():
+                client.close()
+    names = list(variants)
+    out: dict[str, Any] = {}
+    for batch in batch_sizes:
+        p50 = {v: float(np.percentile(times[(v, batch)], 50)) for v in names}
+        out[str(batch)] = {
+            "p50_ms": p50,
+            "hardened_over_plain": p50[names[2]] / p50[names[0]],
+            "hardened_minus_plain_ms": p50[names[2]] - p50[names[0]],
+            "requests": len(times[(names[0], batch)]),
+        }
+    return out
+
+
 # -- switches -----------------------------------------------------------------------------------------
 
 
@@ -244,6 +324,34 @@ def measure_switches(
 # -- report -------------------------------------------------------------------------------------------
 
 
+TARGET_COST_RATIO = 1.10  # gateway + id output over the plain ensemble, p50 at the largest batch
+TARGET_COST_MS = 0.3  # the same at batch 1, in milliseconds
+
+
+def _cost_targets(cost: dict[str, Any]) -> list[dict[str, Any]]:
+    targets = []
+    if "1" in cost:
+        added = cost["1"]["hardened_minus_plain_ms"]
+        targets.append(
+            {
+                "what": f"gateway + id output add <= {TARGET_COST_MS} ms to p50 at batch 1",
+                "value": round(added, 3),
+                "met": added <= TARGET_COST_MS,
+            }
+        )
+    largest = max(cost, key=int)
+    if largest != "1":
+        ratio = cost[largest]["hardened_over_plain"]
+        targets.append(
+            {
+                "what": f"gateway + id output / plain ensemble, p50 at batch {largest} <= {TARGET_COST_RATIO}",
+                "value": round(ratio, 3),
+                "met": ratio <= TARGET_COST_RATIO,
+            }
+        )
+    return targets
+
+
 def _markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
@@ -270,6 +378,20 @@ def _markdown(report: dict[str, Any]) -> str:
     for batch, rows in report["latency"].items():
         r = rows["ensemble_over_fused"]
         lines.append(f"| {batch} | {r['paired_median_of_round_p50_ratios']:.3f} | {r['ratio_of_p50s']:.3f} |")
+    lines += [
+        "",
+        "What the hardening costs (same interleaved method; the plain ensemble has no id output, as before answers "
+        "named their vector):",
+        "",
+        "| batch | variant | p50 (ms) |",
+        "|---|---|---|",
+    ]
+    for batch, row in report["hardening_cost"].items():
+        lines += [f"| {batch} | {variant} | {p50:.3f} |" for variant, p50 in row["p50_ms"].items()]
+        lines.append(
+            f"| {batch} | gateway + id over plain | x{row['hardened_over_plain']:.3f} "
+            f"(+{row['hardened_minus_plain_ms']:.3f} ms) |"
+        )
     s = report["switches"]
     lines += [
         "",
@@ -335,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             latency = measure_latency(server.http_url, images, args.batch_sizes, args.rounds, args.requests)
             print("measuring switches ...", flush=True)
             switches = measure_switches(server, vectors, images, args.switches, args.load_threads)
+        print("measuring what the gateway and the id output cost ...", flush=True)
+        cost = measure_hardening_cost(report.repository, workdir, images, args.batch_sizes, args.rounds, args.requests)
 
     largest = str(max(args.batch_sizes))
     ratio = latency[largest]["ensemble_over_fused"]["paired_median_of_round_p50_ratios"]
@@ -359,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "latency": latency,
         "switches": switches,
+        "hardening_cost": cost,
         "targets": [
             {
                 "what": f"ensemble p50 / fused p50 at batch {largest} <= {TARGET_RATIO}",
@@ -370,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 "value": round(worst_switch, 3),
                 "met": worst_switch <= TARGET_SWITCH_S,
             },
+            *_cost_targets(cost),
             {
                 "what": "0 failed requests during switches under load (and every answer matches and names a vector)",
                 "value": load["failed"],

@@ -36,7 +36,7 @@ own liveness is a TCP check that does not depend on Triton.
 The Service exposes only the public port; a NetworkPolicy admits the admin port only
 from pods labelled as this fleet's operators (the switch Job), and the admin APIs
 still need the key. Rolling updates never go below N ready pods (maxUnavailable 0,
-maxSurge 1). The switch Job runs `fv fleet switch` under a ServiceAccount that may
+maxSurge 1). The switch Job runs `fv switch` (on the fleet repository) under a ServiceAccount that may
 only list pods in the namespace (how it finds every replica). The two Secrets are
 created by the operator (`secret_commands`); no secret value is ever rendered.
 """
@@ -199,7 +199,7 @@ class K8sSettings:
 
     @property
     def kube_selector(self) -> str:
-        """`pod_selector` as a label-selector string, what `fv fleet switch --kube-selector` takes."""
+        """`pod_selector` as a label-selector string, what `fv switch --kube-selector` takes."""
         return ",".join(f"{k}={v}" for k, v in self.pod_selector.items())
 
 
@@ -290,6 +290,7 @@ def _pre_stop_sleep(seconds: int) -> dict[str, Any]:
 
 def pod_config_args(settings: K8sSettings) -> list[str]:
     """The init container's command: the contract with `fv fleet pod-config`."""
+    gpu = ["--gpu"] if settings.device == "gpu" else []
     return [
         "fv",
         "fleet",
@@ -304,14 +305,14 @@ def pod_config_args(settings: K8sSettings) -> list[str]:
         str(PUBLIC_PORT),
         "--admin-port",
         str(ADMIN_PORT),
+        *gpu,
     ]
 
 
 def switch_args(settings: K8sSettings) -> list[str]:
-    """The switch Job's command: the contract with `fv fleet switch`."""
+    """The switch Job's command: `fv switch` on a fleet repository, its pods found by label."""
     return [
         "fv",
-        "fleet",
         "switch",
         "--repository",
         settings.repository,

@@ -259,7 +259,7 @@ def test_the_switch_job_has_minimal_rbac_and_calls_the_fleet_switch(objects: lis
     assert pod["serviceAccountName"] == account and pod["restartPolicy"] == "Never"
     [switch] = pod["containers"]
     assert switch["command"] == [
-        "fv", "fleet", "switch", "--repository", REPO, "--kube-selector", f"app={NAME}", "--namespace", NAMESPACE,
+        "fv", "switch", "--repository", REPO, "--kube-selector", f"app={NAME}", "--namespace", NAMESPACE,
         "--admin-port", str(ADMIN_PORT), "--vector", "/vectors/vector.safetensors",
     ]  # fmt: skip
     assert {"name": "vector", "configMap": {"name": f"{NAME}-switch-vector"}} in pod["volumes"]
@@ -296,9 +296,10 @@ def test_every_container_runs_unprivileged(objects: list[dict[str, Any]]) -> Non
 def test_the_pod_follows_the_contract_with_pod_config_and_server_flags(objects: list[dict[str, Any]]) -> None:
     _, pod = pod_template(objects)
     by_name = containers(pod)
+    gpu = ["--gpu"] if "nvidia.com/gpu" in str(by_name["triton"]["resources"]) else []
     assert by_name["pod-config"]["command"] == [
         "fv", "fleet", "pod-config", "--repository", REPO, "--out", "/run/fv", "--triton-http-port",
-        str(TRITON_HTTP_PORT), "--public-port", str(PUBLIC_PORT), "--admin-port", str(ADMIN_PORT),
+        str(TRITON_HTTP_PORT), "--public-port", str(PUBLIC_PORT), "--admin-port", str(ADMIN_PORT), *gpu,
     ]  # fmt: skip
     assert by_name["triton"]["command"] == ["/bin/sh", "-c", "exec tritonserver $(cat /run/fv/triton-args)"]
     assert by_name["pod-config"]["volumeMounts"][:2] == [

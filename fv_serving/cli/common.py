@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-from fv_serving.config import PRESETS, VectorConfig, with_overrides
+from fv_serving.config import OPTIMIZERS, PRESETS, VectorConfig, with_overrides
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -41,15 +41,16 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=PRESETS,
         default=PRESETS[0],
-        help="fast (default): drawn batches with half of each from the forget set, cheap frequent checks; "
-        "epochs: the previous default, passes over forget+retain set; "
+        help="fast (default): Adam on drawn batches, cheap frequent checks (see VectorConfig); "
+        "epochs: the previous default, the authors' SGD passes over the forget+retain set with the stopping rule; "
         "parity: the authors' protocol (200 epochs, no stopping rule)",
     )
     g.add_argument("--beta", type=float, help=f"forget-term weight (default {d.beta})")
     g.add_argument("--alpha", type=float, help=f"retain-term weight (default {d.alpha})")
     g.add_argument("--tau", type=float, help=f"margin floor (default {d.tau})")
     g.add_argument("--lam", type=float, help=f"norm regulariser weight (default {d.lam})")
-    g.add_argument("--lr", type=float, help=f"SGD learning rate (default {d.lr})")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help=f"(default {d.optimizer})")
+    g.add_argument("--lr", type=float, help=f"learning rate (default {d.lr})")
     g.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     g.add_argument("--max-epochs", type=int, help=f"(default {d.max_epochs})")
     g.add_argument(
@@ -64,7 +65,9 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
         help=f"share of each drawn batch taken from the forget set ({d.forget_fraction})",
     )
     g.add_argument("--clamp", action="store_true", help="clamp x+delta to [0,1] (training, evaluation and export)")
-    g.add_argument("--no-augment", action="store_true", help="no crop/flip augmentation while learning")
+    flips = g.add_mutually_exclusive_group()
+    flips.add_argument("--augment", action="store_true", help="crop/flip augmentation while learning (epochs: on)")
+    flips.add_argument("--no-augment", action="store_true", help="no crop/flip augmentation while learning")
     g.add_argument("--seed", type=int, help=f"(default {d.seed})")
     s = parser.add_argument_group("stopping rule (uses the validation hold-out, never the test set)")
     s.add_argument("--no-stopping", action="store_true", help="run all epochs, keep the last vector")
@@ -91,6 +94,7 @@ def vector_config(args: argparse.Namespace) -> VectorConfig:
         alpha=args.alpha,
         tau=args.tau,
         lam=args.lam,
+        optimizer=args.optimizer,
         lr=args.lr,
         batch_size=args.batch_size,
         max_epochs=args.max_epochs,
@@ -104,7 +108,7 @@ def vector_config(args: argparse.Namespace) -> VectorConfig:
         monitor_size=args.monitor_size,
         holdout_size=args.holdout_size,
         clamp=(0.0, 1.0) if args.clamp else None,
-        augment=False if args.no_augment else None,
+        augment=True if args.augment else False if args.no_augment else None,
         stopping=False if args.no_stopping else None,
     )
 

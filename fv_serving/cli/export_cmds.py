@@ -62,7 +62,7 @@ def _normalized_input(args: argparse.Namespace) -> tuple[list[float], list[float
 
 
 def cmd_fused(args: argparse.Namespace) -> int:
-    from fv_serving.onnx.checked import fuse_vector
+    from fv_serving.onnx.checked import fuse_gated_vector, fuse_vector
     from fv_serving.onnx.graph import GraphSummary, find_image_input, load_model, save_model
     from fv_serving.vectors import load_vector
 
@@ -73,7 +73,8 @@ def cmd_fused(args: argparse.Namespace) -> int:
     normalized = _normalized_input(args)
     vector = load_vector(args.vector)
     original = load_model(args.onnx, "classifier graph")
-    fused = fuse_vector(
+    fuse = fuse_gated_vector if args.gated else fuse_vector
+    fused = fuse(
         original,
         vector,
         input_name=args.input_name,
@@ -89,7 +90,8 @@ def cmd_fused(args: argparse.Namespace) -> int:
     clamp = f", clamp {list(vector.clamp)}" if vector.clamp else ""
     _print(GraphSummary.of(fused.graph, written, list(fused.checks)).lines())
     print_warnings(fused.warnings)
-    print(f"  vector {vector.vector_id}{clamp} added to input {image.name!r} ({space}); inputs outside [0,1] clipped")
+    where = "added to input" if not args.gated else "added, where the classifier predicts a forgotten class, to input"
+    print(f"  vector {vector.vector_id}{clamp} {where} {image.name!r} ({space}); inputs outside [0,1] clipped")
     return 0
 
 
@@ -156,6 +158,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mean", type=float, nargs="+", help="per-channel pixel mean of that normalisation")
     p.add_argument("--std", type=float, nargs="+", help="per-channel pixel std of that normalisation")
     p.add_argument("--id-output", action="store_true", help="add a vector_id output (changes the outputs)")
+    p.add_argument(
+        "--gated",
+        action="store_true",
+        help="gated mode: delta only where the classifier predicts one of the vector's forgotten classes "
+        "(class-wise vectors; a second classifier pass on those images; not input-agnostic)",
+    )
     add_admission(p)
     _add_provider(p)
     p.set_defaults(func=cmd_fused)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from fv_serving.cli import bench_cmds, core, export_cmds, k8s_cmds, triton_cmds
+from fv_serving.cli import bench_cmds, core, export_cmds, fleet_cmds, k8s_cmds, triton_cmds
 from fv_serving.cli.common import OneLineErrorParser
 from fv_serving.errors import FVError
 
-COMMAND_MODULES = (core, export_cmds, triton_cmds, bench_cmds, k8s_cmds)
+COMMAND_MODULES = (core, export_cmds, triton_cmds, bench_cmds, fleet_cmds, k8s_cmds)
 #: Modules of the [learn] extra: a serving-only install lacks them.
 LEARN_MODULES = ("torch", "torchvision", "sklearn", "matplotlib", "onnxscript")
 

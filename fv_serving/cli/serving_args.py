@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fv_serving.admission import DEFAULT_MAX_ABS, AdmissionPolicy
 from fv_serving.errors import InvalidInputError
 from fv_serving.vector_choice import VectorChoice
+
+if TYPE_CHECKING:
+    from fv_serving.triton.supervisor import RunState
 
 
 def add_vector_choice(parser: argparse.ArgumentParser) -> None:
@@ -67,10 +71,11 @@ class Target:
     """Where a running deployment is: its URL, repository, run folder and model-control key."""
 
     url: str | None
-    repository: Path | None
+    repository: str | None  # a folder, or s3://bucket/prefix for a fleet in object storage
     run_dir: Path | None
     admin_key: str | None
     log_path: Path | None
+    state: RunState | None  # the run state of a deployment `fv serve` runs (None for --url alone)
 
 
 def add_target(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +95,7 @@ def default_run_dir(repository: str | Path) -> Path:
 def run_dir_of(args: argparse.Namespace) -> Path:
     if args.run_dir:
         return Path(args.run_dir).absolute()
-    if args.repository:
+    if args.repository and not str(args.repository).startswith("s3://"):
         return default_run_dir(args.repository)
     raise InvalidInputError("say which server: --repository R (its run folder is R.server), --run-dir D or --url U")
 
@@ -100,7 +105,8 @@ def resolve_target(args: argparse.Namespace, need_repository: bool, need_server:
     from fv_serving.triton.control import find_key
     from fv_serving.triton.supervisor import STATE_FILENAME, read_run_state
 
-    run_dir = run_dir_of(args) if (args.run_dir or args.repository) else None
+    local_repository = args.repository and not str(args.repository).startswith("s3://")
+    run_dir = run_dir_of(args) if (args.run_dir or local_repository) else None
     state = None
     if run_dir is not None and (run_dir / STATE_FILENAME).is_file():
         state = read_run_state(run_dir)
@@ -109,9 +115,11 @@ def resolve_target(args: argparse.Namespace, need_repository: bool, need_server:
     url = args.url
     if url is None and state is not None:
         url = state.server.grpc_url if getattr(args, "protocol", "http") == "grpc" else state.server.http_url
-    repository = Path(args.repository) if args.repository else (Path(state.server.repository) if state else None)
+    repository = args.repository or (state.server.repository if state else None)
+    if repository is not None and not repository.startswith("s3://"):
+        repository = str(Path(repository).absolute())
     if need_repository and repository is None:
         raise InvalidInputError("this command needs the repository's records: add --repository R")
     key = find_key(run_dir, args.admin_key_file)
     log = Path(state.server.log_path) if state is not None else None
-    return Target(url, repository, run_dir, key, log)
+    return Target(url, repository, run_dir, key, log, state)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fv_serving.cli.serving_args import (
+    Target,
     add_target,
     add_vector_choice,
     admission_policy,
@@ -35,45 +36,65 @@ if TYPE_CHECKING:  # imported lazily at run time: `fv --help` should not pay for
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fv_serving.fleet.layout import make_fleet_layout, publish
+    from fv_serving.fleet.store import S3Store
     from fv_serving.onnx.graph import load_model
     from fv_serving.triton.build import build_deployment
     from fv_serving.triton.supervisor import STATE_FILENAME, read_run_state, supervisor_alive
 
-    out = Path(args.out)
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise InvalidInputError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    run_dir = default_run_dir(out)
-    if (run_dir / STATE_FILENAME).is_file() and supervisor_alive(read_run_state(run_dir), run_dir):
-        raise ServerError(f"a server is serving {out} (state in {run_dir}); `fv stop --repository {out}` first")
+    remote = args.out.startswith("s3://")
+    fleet = args.fleet or remote  # switches on object storage are fleet switches
+    if not remote:
+        out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+            raise InvalidInputError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        run_dir = default_run_dir(out)
+        if (run_dir / STATE_FILENAME).is_file() and supervisor_alive(read_run_state(run_dir), run_dir):
+            raise ServerError(f"a server is serving {out} (state in {run_dir}); `fv stop --repository {out}` first")
+    store = S3Store(args.out) if remote else None
+    if store is not None and store.exists("fleet.json") and not args.overwrite:
+        raise InvalidInputError(f"{args.out} already holds a fleet repository; pass --overwrite to replace it")
     checks: list[str] = []
     if args.classifier is not None:
         classifier, class_names, source = _exported_checkpoint(Path(args.classifier), checks)
     else:
         source = Path(args.classifier_onnx).absolute()
         classifier, class_names = load_model(source, "classifier graph"), []
-    report = build_deployment(
-        out,
-        vector_choice(args),
-        classifier,
-        classifier_source=str(source),
-        class_names=class_names,
-        fused=args.fused,
-        runtime=args.runtime,
-        device=args.device,
-        max_batch_size=args.max_batch_size,
-        instance_count=args.instances,
-        intra_op_threads=args.threads,
-        force=args.force,
-        policy=admission_policy(args),
-        overwrite=args.overwrite,
-        checks=checks,
-    )
-    print(f"wrote Triton repository {report.repository} (runtime {args.runtime}, device {args.device})")
+    with tempfile.TemporaryDirectory(prefix="fv-build-") as staging:
+        report = build_deployment(
+            Path(staging) / "repo" if remote else Path(args.out),
+            vector_choice(args),
+            classifier,
+            classifier_source=str(source),
+            class_names=class_names,
+            fused=args.fused,
+            runtime=args.runtime,
+            device=args.device,
+            max_batch_size=args.max_batch_size,
+            instance_count=args.instances,
+            intra_op_threads=args.threads,
+            force=args.force,
+            policy=admission_policy(args),
+            overwrite=args.overwrite,
+            checks=checks,
+        )
+        notes = []
+        if fleet:
+            state = make_fleet_layout(report.repository)
+            notes.append(f"fleet layout: live colour {state.live}, both colours on version {state.live_version}")
+        if store is not None:
+            keys = publish(report.repository, store)
+            notes.append(f"published {len(keys)} objects to {args.out} (configs after every file, fleet.json last)")
+    where = args.out if remote else report.repository
+    print(f"wrote Triton repository {where} (runtime {args.runtime}, device {args.device})")
     print(f"  models: {', '.join(report.models)} (+ classifier, forget_step); forget vector {report.vector_id}")
-    for check in report.checks:
+    for check in [*report.checks, *notes]:
         print(f"  verified: {check}")
     print_warnings(report.warnings)
-    print(f"  serve it: fv serve --repository {args.out} --detach")
+    hint = f"--repository {args.out} --run-dir DIR --replicas 3" if remote else f"--repository {args.out} --detach"
+    print(f"  serve it: fv serve {hint}")
     return 0
 
 
@@ -117,15 +138,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         supervisor_alive,
     )
 
-    repo = Path(args.repository).absolute()
-    if not repo.is_dir():
-        raise InvalidInputError(f"model repository {repo} does not exist")
+    remote = args.repository.startswith("s3://")
+    repository = args.repository if remote else str(Path(args.repository).absolute())
+    if not remote and not Path(repository).is_dir():
+        raise InvalidInputError(f"model repository {repository} does not exist")
+    if remote and not args.run_dir:
+        raise InvalidInputError("a repository in object storage needs --run-dir (where state, key and logs go)")
     if not is_loopback(args.host) and not args.expose_triton:
         raise InvalidInputError(
             f"Triton listens on loopback only; to serve {args.host} use the gateway (--public {args.host}:PORT), or "
             "--expose-triton if a network policy already keeps everyone else out"
         )
-    run_dir = Path(args.run_dir).absolute() if args.run_dir else default_run_dir(repo)
+    run_dir = Path(args.run_dir).absolute() if args.run_dir else default_run_dir(repository)
     if (run_dir / STATE_FILENAME).is_file():
         old = read_run_state(run_dir)
         if supervisor_alive(old, run_dir):
@@ -134,10 +158,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"`fv stop --run-dir {run_dir}` first"
             )
         print(stop_deployment(run_dir))  # a crashed or killed one: clear its state, processes and shm
+    if args.replicas < 1:
+        raise InvalidInputError(f"--replicas must be >= 1, got {args.replicas}")
     options = ServeOptions(
-        repository=repo,
+        repository=repository,
         run_dir=run_dir,
         models=tuple(args.models or ()),
+        replicas=args.replicas,
         host=args.host,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
@@ -179,12 +206,20 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_switch(args: argparse.Namespace) -> int:
+    from fv_serving.fleet.layout import is_fleet
+    from fv_serving.fleet.store import open_store
     from fv_serving.triton.client import TritonClient
     from fv_serving.triton.signals import stop_requests
     from fv_serving.triton.switch import switch_vector
 
-    target = resolve_target(args, need_repository=True)
-    assert target.url is not None and target.repository is not None
+    named_fleet = bool(args.replica or args.kube_selector)
+    target = resolve_target(args, need_repository=True, need_server=not named_fleet)
+    assert target.repository is not None
+    if is_fleet(open_store(target.repository)):
+        return _fleet_switch(args, target)
+    if named_fleet:
+        raise InvalidInputError(f"{target.repository} is not in the fleet layout (fv triton build --fleet)")
+    assert target.url is not None
     with stop_requests(), TritonClient(target.url, timeout_s=args.timeout, admin_key=target.admin_key) as c:
         result = switch_vector(
             target.repository,
@@ -196,11 +231,7 @@ def cmd_switch(args: argparse.Namespace) -> int:
             keep_versions=args.keep_versions,
             log_path=target.log_path,
         )
-    for note in result.recovered:
-        print(f"recovered: {note}")
-    for check in result.checks:
-        print(f"validated: {check}")
-    print_warnings(result.warnings)
+    _print_notes(result.recovered, result.checks, result.warnings)
     print(
         f"switched forget_step v{result.previous_version} -> v{result.version}: "
         f"vector {result.previous_vector_id} -> {result.vector_id}" + (" (FORCED)" if result.forced else "")
@@ -217,6 +248,53 @@ def cmd_switch(args: argparse.Namespace) -> int:
         print(f"WARNING: the classifier WAS reloaded during the switch: {result.classifier.describe()}")
         return 1
     print(f"  classifier not reloaded: {result.classifier.describe()}")
+    return 0
+
+
+def _print_notes(recovered: tuple[str, ...], checks: tuple[str, ...], warnings: tuple[str, ...]) -> None:
+    """What a switch found to recover, checked and warns about, one line each."""
+    for note in recovered:
+        print(f"recovered: {note}")
+    for check in checks:
+        print(f"validated: {check}")
+    print_warnings(warnings)
+
+
+def _fleet_switch(args: argparse.Namespace, target: Target) -> int:
+    from fv_serving.fleet.members import Members, kube_members
+    from fv_serving.fleet.store import open_store
+    from fv_serving.fleet.switch import fleet_switch
+    from fv_serving.triton.signals import stop_requests
+
+    assert target.repository is not None
+    if args.kube_selector:
+        members = kube_members(args.kube_selector, args.namespace, args.admin_port, args.kube_context)
+    elif args.replica:
+        members = Members(tuple(args.replica), tuple(args.gateway_admin or ()))
+    else:
+        state = target.state
+        if state is None:
+            raise InvalidInputError("name the fleet: --replica URL [...] --gateway-admin URL, or --kube-selector")
+        members = Members(tuple(s.http_url for s in state.servers), (state.admin_url,) if state.admin_url else ())
+    with stop_requests():
+        result = fleet_switch(
+            open_store(target.repository),
+            members.replica_handles(target.admin_key, args.timeout),
+            members.route_flips(target.admin_key, args.timeout) if members.gateways else [],
+            vector_choice(args),
+            force=args.force,
+            policy=admission_policy(args),
+            timeout_s=args.timeout,
+        )
+    _print_notes(result.recovered, result.checks, result.warnings)
+    print(
+        f"fleet switched on {result.replicas} replica(s): v{result.previous_version} -> v{result.version}, vector "
+        f"{result.previous_vector_id} -> {result.vector_id} (live colour now {result.live})"
+    )
+    print(
+        f"  every replica serving the new vector {result.all_serving_s:.2f} s after the request (validation "
+        f"{result.validate_s:.2f} s, prepare on all replicas {result.prepare_s:.2f} s, then one route flip)"
+    )
     return 0
 
 
@@ -337,7 +415,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     clf.add_argument("--classifier", help="checkpoint written by `fv train` (exported to ONNX here; needs [learn])")
     clf.add_argument("--classifier-onnx", help="an ONNX classifier taking raw pixels [N,C,H,W] in [0,1]")
     add_vector_choice(p)
-    p.add_argument("--out", required=True, help="repository folder to write")
+    p.add_argument("--out", required=True, help="repository folder to write, or s3://bucket/prefix (a fleet)")
+    p.add_argument(
+        "--fleet", action="store_true", help="the fleet layout (blue/green ensembles; see fv serve --replicas)"
+    )
     p.add_argument("--fused", action="store_true", help="also add model 'fused' (vector baked in)")
     p.add_argument(
         "--runtime",
@@ -357,6 +438,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", help="state, key and log folder (default <repository>.server)")
     p.add_argument("--detach", action="store_true", help="return once ready; the supervisor keeps running")
     p.add_argument("--models", nargs="+", help="models to load (default: unlearned, and fused when present)")
+    p.add_argument("--replicas", type=int, default=1, help="tritonservers on the repository, behind the gateway")
     p.add_argument("--public", metavar="HOST:PORT", help="start the gateway there (the only address beyond loopback)")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"Triton's own address (default {DEFAULT_HOST})")
     p.add_argument("--expose-triton", action="store_true", help="allow a non-loopback --host (no gateway in front)")
@@ -381,6 +463,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("switch", help="change the served forget vector live (the classifier stays loaded)")
     add_target(p)
     add_vector_choice(p)
+    fleet = p.add_argument_group("a fleet (repository in the fleet layout) not started by this `fv serve`")
+    fleet.add_argument("--replica", action="append", metavar="URL", help="a replica's Triton HTTP URL (repeat)")
+    fleet.add_argument("--gateway-admin", action="append", metavar="URL", help="a gateway's admin URL (repeat)")
+    fleet.add_argument("--kube-selector", help="the fleet's pods by label selector (kubernetes client)")
+    fleet.add_argument("--namespace", default="default", help="with --kube-selector (default: default)")
+    fleet.add_argument("--kube-context", help="with --kube-selector, outside a cluster")
+    fleet.add_argument("--admin-port", type=int, default=8081, help="the pods' gateway admin port (default 8081)")
     p.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds for the lock wait, load and confirmation"
     )

@@ -72,6 +72,10 @@ def read(repository: str | Path) -> list[dict[str, Any]]:
 
 def unfinished(repository: str | Path) -> list[dict[str, Any]]:
     """The "begin" events that no outcome closed: switches that were interrupted."""
-    entries = read(repository)
+    return unfinished_in(read(repository))
+
+
+def unfinished_in(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The "begin" events of `entries` (a journal, oldest first) that no outcome closed."""
     closed = {e.get("switch") for e in entries if e.get("event") in OUTCOMES}
     return [e for e in entries if e.get("event") == "begin" and e.get("switch") not in closed]

@@ -26,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -36,7 +36,7 @@ from typing import Any
 import onnx
 from tritonclient.grpc.model_config_pb2 import ModelConfig
 
-from fv_serving.atomic import atomic_directory, default_mode, fsync_path, write_bytes_atomic, write_json_atomic
+from fv_serving.atomic import atomic_directory, default_mode, fsync_path, write_bytes_atomic
 from fv_serving.errors import DataNotFoundError, InvalidInputError, OnnxGraphError
 from fv_serving.onnx.graph import ID_OUTPUT
 from fv_serving.triton import model_config as mcfg
@@ -164,11 +164,13 @@ def build_repository(
     try:
         for name, config in configs.items():
             mcfg.write_config(staging / name, config)
-        _write_version(staging / CLASSIFIER_MODEL / "1", classifier.data, runtime)
-        _write_version(staging / FORGET_STEP_MODEL / "1", forget_step.data, runtime, forget_step_metadata or {})
+        _write_version(staging / CLASSIFIER_MODEL / "1", version_files(classifier.data, runtime))
+        _write_version(
+            staging / FORGET_STEP_MODEL / "1", version_files(forget_step.data, runtime, forget_step_metadata or {})
+        )
         (staging / ENSEMBLE_MODEL / "1").mkdir()  # Triton requires the (empty) version folder
         if fused is not None:
-            _write_version(staging / FUSED_MODEL / "1", fused.data, runtime)
+            _write_version(staging / FUSED_MODEL / "1", version_files(fused.data, runtime))
         _swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -188,18 +190,11 @@ def publish_forget_step_version(
     """
     model_dir = Path(repo_dir) / FORGET_STEP_MODEL
     config = mcfg.read_config(model_dir)
-    graph = _load_graph(onnx_model, "forget step")
-    expected = GraphSignature(mcfg.tensor_specs(config.input), mcfg.tensor_specs(config.output))
-    if graph.signature != expected:
-        raise OnnxGraphError(
-            f"new forget step graph does not match {model_dir / mcfg.CONFIG_FILENAME}: "
-            f"expected {_describe(expected)}, got {_describe(graph.signature)}"
-        )
-    runtime: Runtime = "python" if config.backend == "python" else "onnxruntime"
+    data = checked_step_bytes(config, onnx_model)
     for _ in range(5):  # another publisher may take the same number first
-        version = max(_used_version_numbers(model_dir), default=0) + 1
+        version = next_version_number(p.name for p in model_dir.iterdir() if p.is_dir())
         try:
-            _write_version(model_dir / str(version), graph.data, runtime, metadata or {})
+            _write_version(model_dir / str(version), version_files(data, runtime_of(config), metadata or {}))
         except FileExistsError:
             continue
         return version
@@ -214,15 +209,43 @@ def list_forget_step_versions(repo_dir: str | os.PathLike[str]) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def _used_version_numbers(model_dir: Path) -> list[int]:
-    """Numbers of published AND set-aside folders: a number once used is never handed out again."""
-    used = []
-    for p in model_dir.iterdir():
-        name = p.name.removeprefix(SET_ASIDE_PREFIX)
-        number = name.split("-", 1)[0]
-        if p.is_dir() and number.isdigit():
+def checked_step_bytes(config: ModelConfig, onnx_model: OnnxSource) -> bytes:
+    """A new forget step graph's bytes, refused unless it has exactly the inputs/outputs of forget_step's config."""
+    graph = _load_graph(onnx_model, "forget step")
+    expected = GraphSignature(mcfg.tensor_specs(config.input), mcfg.tensor_specs(config.output))
+    if graph.signature != expected:
+        raise OnnxGraphError(
+            f"new forget step graph does not match forget_step's {mcfg.CONFIG_FILENAME}: "
+            f"expected {_describe(expected)}, got {_describe(graph.signature)}"
+        )
+    return graph.data
+
+
+def runtime_of(config: ModelConfig) -> Runtime:
+    return "python" if config.backend == "python" else "onnxruntime"
+
+
+def next_version_number(folder_names: Iterable[str]) -> int:
+    """One more than every number used by a published or set-aside folder: numbers are never reused."""
+    used = [0]
+    for name in folder_names:
+        number = name.removeprefix(SET_ASIDE_PREFIX).split("-", 1)[0]
+        if number.isdigit():
             used.append(int(number))
-    return used
+    return max(used) + 1
+
+
+def version_files(onnx_bytes: bytes, runtime: Runtime, metadata: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+    """The files of one version folder: model.onnx (+ the ORT runner's model.py, + the sidecar JSON)."""
+    files = {ONNX_FILENAME: onnx_bytes}
+    if runtime == "python":
+        files[RUNNER_FILENAME] = runner_source()
+    if metadata is not None:
+        try:
+            files[METADATA_FILENAME] = (json.dumps(dict(metadata), indent=2, sort_keys=True) + "\n").encode()
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"forget step metadata must be JSON-serialisable: {exc}") from exc
+    return files
 
 
 def confirmed_version(repo_dir: str | os.PathLike[str]) -> int:
@@ -441,19 +464,11 @@ def _ensemble(forget_step: GraphSignature, classifier: GraphSignature, max_batch
     return mcfg.ensemble_config(ENSEMBLE_MODEL, [image], [logits, vector_id], steps, max_batch_size=max_batch_size)
 
 
-def _write_version(
-    version_dir: Path, onnx_bytes: bytes, runtime: Runtime, metadata: Mapping[str, Any] | None = None
-) -> None:
-    """Write one version folder atomically: model.onnx (+ runner model.py, + metadata json)."""
+def _write_version(version_dir: Path, files: Mapping[str, bytes]) -> None:
+    """Write one version folder atomically (`version_files`)."""
     with atomic_directory(version_dir) as tmp:
-        write_bytes_atomic(tmp / ONNX_FILENAME, onnx_bytes)
-        if runtime == "python":
-            write_bytes_atomic(tmp / RUNNER_FILENAME, runner_source())
-        if metadata is not None:
-            try:
-                write_json_atomic(tmp / METADATA_FILENAME, dict(metadata))
-            except (TypeError, ValueError) as exc:
-                raise InvalidInputError(f"forget step metadata must be JSON-serialisable: {exc}") from exc
+        for name, data in files.items():
+            write_bytes_atomic(tmp / name, data)
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:

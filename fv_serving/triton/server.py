@@ -128,10 +128,13 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         admin_key: str | None = AUTO_KEY,
     ) -> None:
-        self.repository = Path(repository).absolute()
-        if not self.repository.is_dir():
+        remote = str(repository).startswith("s3://")
+        self.repository = str(repository) if remote else str(Path(repository).absolute())
+        if not remote and not Path(self.repository).is_dir():
             raise ServerError(f"model repository {self.repository} does not exist")
-        self.models = tuple(load_models) if load_models is not None else _model_folders(self.repository)
+        if remote and load_models is None:
+            raise ServerError("a repository in object storage needs the models to load named (load_models)")
+        self.models = tuple(load_models) if load_models is not None else _model_folders(Path(self.repository))
         if not self.models:
             raise ServerError(f"model repository {self.repository} has no model folder with {CONFIG_FILENAME}")
         self.host = host

@@ -258,9 +258,15 @@ def ensemble_reference(classifier: onnx.ModelProto, step: onnx.ModelProto, image
     return np.asarray(clf_session.run(None, {clf_session.get_inputs()[0].name: perturbed})[0])
 
 
-def answers_with(client: TritonClient, probe: np.ndarray, expected: np.ndarray, vector_id: str | None) -> bool:
-    """Whether the ensemble answers `probe` with `expected` logits (and, when given, names `vector_id`)."""
-    logits, ids = client.infer_with_ids(ENSEMBLE_MODEL, probe)
+def answers_with(
+    client: TritonClient,
+    probe: np.ndarray,
+    expected: np.ndarray,
+    vector_id: str | None,
+    model: str = ENSEMBLE_MODEL,
+) -> bool:
+    """Whether `model` answers `probe` with `expected` logits (and, when given, names `vector_id`)."""
+    logits, ids = client.infer_with_ids(model, probe)
     return logits_match(logits, expected) and (vector_id is None or all(i == vector_id for i in ids))
 
 
