@@ -6,6 +6,10 @@ with the same functions users call, so tests exercise the real file formats.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,12 +18,26 @@ import torch
 from fv_serving.config import TrainConfig, VectorConfig
 from fv_serving.data import Dataset, ForgetSpec, SplitSpec, load_dataset
 from fv_serving.pipeline import Workspace, learn_vector, open_workspace, train_model
+from fv_serving.procfs import cmdline
 from fv_serving.vectors import ForgetVector
 
 TINY_SPLIT = SplitSpec(seed=0, val_size=1000, train_size=4000)
 TINY_TRAIN = TrainConfig(epochs=3, batch_size=128, lr=0.1, seed=0)
 FORGET_CLASS = 1  # Trouser: distinctive, learned early even by a tiny model
 QUICK_VECTOR = VectorConfig(max_epochs=3, checks_per_epoch=2, monitor_size=500)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_process_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Servers, supervisors and gateways started by a test die with the session, even if a test's own
+    clean-up failed: a leftover would hold ports and cores on a CI machine. Their names are printed."""
+    yield
+    base = str(tmp_path_factory.getbasetemp())
+    leftovers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and base in cmdline(int(p.name))]
+    for pid in leftovers:
+        print(f"\nkilling a process a test left running: {pid} {cmdline(pid)[:160]}")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session", autouse=True)
