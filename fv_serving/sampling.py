@@ -4,8 +4,9 @@ The authors shuffle the union of D_f and D_r once per epoch, so a batch holds fo
 and retain samples in their natural proportion and an epoch sees every retain image.
 A forget vector has only C*H*W parameters: it does not need every retain image, it
 needs enough steps with forget samples in them. `steps_per_epoch` switches to drawing
-each batch at random (with replacement across steps), `forget_fraction` of it from
-D_f; an "epoch" is then that many steps, for the learning-rate decay and the checks.
+each batch at random (with replacement), from the union or with `forget_fraction` of
+it from D_f; an "epoch" is then that many steps, for the learning-rate decay and the
+checks.
 
 Every batch is drawn whole, from the run's one generator, whatever the number of
 processes: a data-parallel rank takes its slice of the same global batch, so N

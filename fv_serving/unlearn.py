@@ -9,8 +9,8 @@ Both are trained by the same loop with the authors' objective,
   loss = beta * sum_forget max(z_y - max_{k!=y} z_k, -tau) / B
        + alpha * sum_retain CE(z, y) / B + regulariser,
 
-SGD with momentum and an exponential learning-rate decay per epoch, over batches from
-`fv_serving.sampling` (passes over D_f + D_r, or draws with a set forget share).
+Adam (default) or the authors' SGD with momentum, an exponential learning-rate decay
+per epoch, over batches from `fv_serving.sampling` (passes over D_f + D_r, or draws).
 
 A few times per epoch the stopping rule (`fv_serving.stopping`) is checked on a fixed
 subset of D_f and on the validation hold-out (or a fixed subset of it, confirmed on the
@@ -158,6 +158,14 @@ def sharded_accuracy(model: nn.Module, images: ImageSet, indices: torch.Tensor, 
     return 100.0 * (correct / total) if total else 0.0
 
 
+def make_optimizer(perturbation: nn.Module, config: VectorConfig) -> torch.optim.Optimizer:
+    """SGD with momentum (the authors'), or Adam: per-pixel step sizes meet the stopping rule in fewer steps."""
+    params, lr, decay = perturbation.parameters(), config.lr, config.weight_decay
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=decay)
+    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=decay)
+
+
 def learn_perturbation(
     classifier: nn.Module,
     data: Dataset,
@@ -206,9 +214,7 @@ def learn_perturbation(
         if config.holdout_size is not None and config.holdout_size < len(split.val):
             subset = split.val[torch.randperm(len(split.val), generator=generator)[: config.holdout_size]]
             holdouts.insert(0, (subset, accuracy(classifier, subset)))
-    optimizer = torch.optim.SGD(
-        perturbation.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+    optimizer = make_optimizer(perturbation, config)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
     augmentation = default_augmentation(data) if config.augment else None
     batches = BatchPlan(data, split, config, generator, augmentation, device)

@@ -1,0 +1,79 @@
+"""The fast preset: drawn batches, cheap checks confirmed on the whole hold-out, fewer samples for the same rule."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import FORGET_CLASS
+
+from fv_serving.config import VectorConfig
+from fv_serving.data import ForgetSpec
+from fv_serving.errors import InvalidInputError
+from fv_serving.pipeline import Workspace
+from fv_serving.sampling import BatchPlan
+from fv_serving.unlearn import learn_forget_vector
+
+
+def test_presets_keep_the_previous_defaults_and_the_authors_protocol() -> None:
+    epochs = VectorConfig.preset("epochs")
+    assert (epochs.optimizer, epochs.lr, epochs.momentum, epochs.batch_size) == ("sgd", 0.2, 0.9, 256)
+    assert epochs.steps_per_epoch is None and epochs.forget_fraction is None and epochs.holdout_size is None
+    assert (epochs.max_epochs, epochs.checks_per_epoch, epochs.monitor_size) == (10, 2, 2000)
+    parity = VectorConfig.preset("parity")
+    assert parity == replace(epochs, max_epochs=200, stopping=False)
+    assert VectorConfig.preset("fast") == VectorConfig()
+    with pytest.raises(InvalidInputError, match="forget_fraction must be in"):
+        VectorConfig(forget_fraction=1.0)
+    with pytest.raises(InvalidInputError, match="unknown preset 'slow'"):
+        VectorConfig.preset("slow")
+
+
+def test_drawn_batches_hold_the_forget_share(tiny_workspace: Workspace) -> None:
+    split = tiny_workspace.forget_split(ForgetSpec(classes=(FORGET_CLASS,)))
+    config = VectorConfig(batch_size=64, steps_per_epoch=7, forget_fraction=0.25)
+    plan = BatchPlan(tiny_workspace.data, split, config, torch.Generator().manual_seed(0), None, "cpu")
+    batches = list(plan.epoch())
+    assert len(batches) == plan.steps == 7
+    forget = set(split.forget.tolist())
+    for x, y, idx in batches:
+        assert x.shape == (64, 1, 28, 28)
+        assert sum(i in forget for i in idx.tolist()) == 16
+        assert (y == FORGET_CLASS).sum() == 16
+    # Passes (the authors' batches): one epoch is every sample of D_f + D_r exactly once.
+    passes = BatchPlan(
+        tiny_workspace.data,
+        split,
+        replace(config, steps_per_epoch=None),
+        torch.Generator().manual_seed(0),
+        None,
+        "cpu",
+    )
+    seen = torch.cat([idx for _, _, idx in passes.epoch()]).sort().values
+    assert torch.equal(seen, torch.cat([split.forget, split.retain]).sort().values)
+
+
+def test_subset_checks_are_confirmed_on_the_whole_holdout(tiny_workspace: Workspace) -> None:
+    split = tiny_workspace.forget_split(ForgetSpec(classes=(FORGET_CLASS,)))
+    # A loose retain margin: the tiny classifier (75% validation accuracy) is fragile, and what
+    # is under test is where the checks look, not how good the vector is.
+    config = VectorConfig(holdout_size=200, monitor_size=300, retain_margin=50.0)
+    result = learn_forget_vector(tiny_workspace.model, tiny_workspace.data, split, config)
+    assert result.chosen.rule_met
+    assert result.chosen.holdout_images == len(split.val)  # the stop was confirmed on all of it
+    assert result.chosen is result.checks[-1]
+    assert all(c.holdout_images == 200 for c in result.checks if not c.rule_met)
+    assert result.holdout_acc_original == result.chosen.holdout_original
+
+
+def test_fast_preset_meets_the_rule_on_far_fewer_samples(tiny_workspace: Workspace) -> None:
+    split = tiny_workspace.forget_split(ForgetSpec(classes=(FORGET_CLASS,)))
+    fast = learn_forget_vector(tiny_workspace.model, tiny_workspace.data, split, VectorConfig(monitor_size=300))
+    epochs = learn_forget_vector(
+        tiny_workspace.model, tiny_workspace.data, split, replace(VectorConfig.epochs(), monitor_size=300)
+    )
+    assert fast.chosen.rule_met and epochs.chosen.rule_met
+    fast_samples = fast.steps_run * VectorConfig().batch_size
+    epochs_samples = epochs.steps_run * VectorConfig.epochs().batch_size
+    assert fast_samples * 3 <= epochs_samples, (fast.steps_run, epochs.steps_run)
