@@ -40,6 +40,7 @@ from fv_serving.triton.repository import (
     forget_step_config,
     list_forget_step_versions,
     publish_forget_step_version,
+    read_forget_step_metadata,
 )
 from fv_serving.triton.server import state_is_running
 from fv_serving.triton.supervisor import STATE_FILENAME, read_run_state, stop_deployment
@@ -325,8 +326,10 @@ def test_status_fails_on_an_interrupted_switch_and_the_next_switch_recovers(
     # What a `fv switch` killed between Triton's load and the confirmation leaves: a newer folder served live.
     confirmed = confirmed_version(repo)
     step = repo / FORGET_STEP_MODEL / str(confirmed)
-    version = publish_forget_step_version(repo, (step / "model.onnx").read_bytes(), {"vector_id": "interrupted"})
-    journal.append(repo, "begin", switch="killed-switch", to={"vector_id": "interrupted"})
+    # The same graph again (a switch to the vector already served): its metadata must name the id it outputs.
+    served_id = read_forget_step_metadata(repo, confirmed)["vector_id"]
+    version = publish_forget_step_version(repo, (step / "model.onnx").read_bytes(), {"vector_id": served_id})
+    journal.append(repo, "begin", switch="killed-switch", to={"vector_id": served_id})
     with operator_client(detached) as client:
         client.load_model(FORGET_STEP_MODEL, config=forget_step_config(repo, version))
     code, stdout, _ = run(capsys, "status", "--repository", repo)
@@ -334,8 +337,8 @@ def test_status_fails_on_an_interrupted_switch_and_the_next_switch_recovers(
     assert f"PROBLEM  forget_step version {version} is served but version {confirmed} is the confirmed one" in stdout
     assert f"WARNING: version {confirmed} is the confirmed one; this one was never confirmed" in stdout
 
-    code, stdout, _ = run(capsys, "switch", "--repository", repo, "--vector", class_vector[1])
-    assert code == 0, stdout
+    code, stdout, stderr = run(capsys, "switch", "--repository", repo, "--vector", class_vector[1])
+    assert code == 0, stdout + stderr
     assert f"recovered: set aside unconfirmed version {version}" in stdout
     assert "recovered: interrupted switch killed-switch closed" in stdout
     assert f"switched forget_step v{confirmed} -> v{version + 1}" in stdout

@@ -166,7 +166,7 @@ def switch(
     journal records the switch (begin, then confirmed, with the graph's digest); and the
     ensemble's answers name the new vector.
     """
-    repo = server.repository
+    repo = Path(server.repository)
     logged = len(journal.read(repo))
     with server.client() as client:
         result = switch_vector(
@@ -436,8 +436,8 @@ def test_failed_switch_is_rolled_back_and_old_vector_keeps_serving(
     real_publish = switch_module.publish_forget_step_version
     published: list[int] = []
 
-    def faulty_publish(repo: Path, graph: Any, metadata: Any) -> int:
-        version = real_publish(repo, graph, metadata)
+    def faulty_publish(repo: Path, graph: Any, metadata: Any, **kwargs: Any) -> int:
+        version = real_publish(repo, graph, metadata, **kwargs)
         fault(Path(repo) / FORGET_STEP_MODEL / str(version))
         published.append(version)
         return version

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from fv_serving.config import OPTIMIZERS, PRESETS, VectorConfig, with_overrides
+from fv_serving.errors import InvalidInputError
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -111,6 +112,25 @@ def vector_config(args: argparse.Namespace) -> VectorConfig:
         augment=True if args.augment else False if args.no_augment else None,
         stopping=False if args.no_stopping else None,
     )
+
+
+def add_graph_input(parser: argparse._ActionsContainer) -> None:
+    """Which input of a user's classifier graph takes the image, and in what space."""
+    parser.add_argument("--input-name", help="the image input, when the graph has several [N,C,H,W] float inputs")
+    parser.add_argument("--normalized-input", action="store_true", help="the graph takes (x - mean)/std, not pixels")
+    parser.add_argument("--mean", type=float, nargs="+", help="per-channel pixel mean of that normalisation")
+    parser.add_argument("--std", type=float, nargs="+", help="per-channel pixel std of that normalisation")
+
+
+def normalized_input(args: argparse.Namespace) -> tuple[list[float], list[float]] | None:
+    """(mean, std) of --normalized-input, or None for a graph that takes pixels."""
+    if not args.normalized_input:
+        if args.mean is not None or args.std is not None:
+            raise InvalidInputError("--mean/--std are only used with --normalized-input")
+        return None
+    if args.mean is None or args.std is None:
+        raise InvalidInputError("--normalized-input needs --mean and --std (one value per channel)")
+    return list(args.mean), list(args.std)
 
 
 def add_nproc(parser: argparse.ArgumentParser) -> None:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fv_serving.cli.common import (
     add_data_root,
     add_device,
     add_forget_target,
+    add_graph_input,
     add_nproc,
     add_vector_config,
+    normalized_input,
     print_json,
     print_table,
     torchrun_argv,
@@ -21,6 +23,7 @@ from fv_serving.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from fv_serving.data import ForgetSpec
+    from fv_serving.vectors import ForgetVector
 from fv_serving.config import (
     ARCHITECTURES,
     DATASETS,
@@ -75,23 +78,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _learn_for_onnx(args: argparse.Namespace) -> tuple[ForgetVector, ForgetSpec, dict[str, Any]]:
+    """`fv learn --onnx`: a vector for the user's own classifier graph (fv_serving/byo.py)."""
+    from fv_serving.byo import learn_vector_for_onnx
+    from fv_serving.data import ForgetSpec
+    from fv_serving.pipeline import resolve_device
+
+    if args.nproc > 1:
+        raise InvalidInputError("--onnx learns in one process (--nproc is for --classifier checkpoints)")
+    if (args.forget_class is None) == (args.forget_percent is None):
+        raise InvalidInputError("say what to forget: --forget-class C or --forget-percent P (one of the two)")
+    forget = args.forget_class or ForgetSpec(percent=args.forget_percent, seed=args.forget_seed)
+    vector, metrics = learn_vector_for_onnx(
+        args.onnx,
+        forget,
+        vector_config(args),
+        args.out,
+        data=args.data,
+        data_root=args.data_root,
+        input_name=args.input_name,
+        normalized_input=normalized_input(args),
+        device=resolve_device(args.device),
+        evaluate=not args.no_eval,
+    )
+    return vector, ForgetSpec.from_json(vector.forget), metrics
+
+
 def cmd_learn(args: argparse.Namespace) -> int:
     from fv_serving.distributed import launch, process_group
     from fv_serving.pipeline import learn_vector, open_workspace, resolve_device
-    from fv_serving.stopping import goal_for
 
+    if args.onnx:
+        learned, forget, results = _learn_for_onnx(args)
+        return _report_learned(args, learned, forget, results, world=1)
+    if args.input_name or args.normalized_input or args.data != "fashion-mnist":
+        raise InvalidInputError("--data, --input-name and --normalized-input describe an --onnx graph")
     if args.nproc > 1:
         return launch(args.nproc, torchrun_argv(args))
     with process_group(resolve_device(args.device)) as (dist, device):
         ws = open_workspace(args.classifier, args.data_root, device)
         spec = _forget_spec(args, ws)
         assert spec is not None
-        config = vector_config(args)
-        vector, metrics = learn_vector(ws, spec, config, args.out, evaluate=not args.no_eval, dist=dist)
-    if not dist.is_main:
-        return 0
+        vector, metrics = learn_vector(ws, spec, vector_config(args), args.out, evaluate=not args.no_eval, dist=dist)
+    return _report_learned(args, vector, spec, metrics, dist.world) if dist.is_main else 0
+
+
+def _report_learned(
+    args: argparse.Namespace, vector: ForgetVector, spec: ForgetSpec, metrics: dict[str, Any], world: int
+) -> int:
+    from fv_serving.stopping import goal_for
+
+    config = vector_config(args)
     stop = metrics["stopping"]
-    processes = f" on {dist.world} processes" if dist.world > 1 else ""
+    processes = f" on {world} processes" if world > 1 else ""
     print(
         f"learned vector {vector.vector_id} for {spec.to_json()} in {stop['seconds']:.0f} s{processes} "
         f"({stop['steps_run']} steps, epoch {stop['chosen_epoch']}, "
@@ -209,7 +248,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("learn", help="learn one forget vector for a class-wise or random forget set")
-    p.add_argument("--classifier", required=True)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--classifier", help="a checkpoint of `fv train`")
+    model.add_argument("--onnx", help="or any ONNX classifier graph (converted with onnx2torch; see README)")
+    g = p.add_argument_group("with --onnx: the data set and the graph's input")
+    g.add_argument("--data", default="fashion-mnist", choices=DATASETS, help="(imagefolder: --data-root DIR)")
+    add_graph_input(g)
     add_forget_target(p, required=True)
     add_vector_config(p)
     p.add_argument("--no-eval", action="store_true", help="skip the UA/RA/TA/MIA evaluation at creation")

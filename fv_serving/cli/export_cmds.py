@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fv_serving.cli.common import add_graph_input, normalized_input
 from fv_serving.cli.serving_args import (
     add_admission,
     add_vector_choice,
@@ -51,16 +52,6 @@ def cmd_classifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _normalized_input(args: argparse.Namespace) -> tuple[list[float], list[float]] | None:
-    if not args.normalized_input:
-        if args.mean is not None or args.std is not None:
-            raise InvalidInputError("--mean/--std are only used with --normalized-input")
-        return None
-    if args.mean is None or args.std is None:
-        raise InvalidInputError("--normalized-input needs --mean and --std (one value per channel)")
-    return list(args.mean), list(args.std)
-
-
 def cmd_fused(args: argparse.Namespace) -> int:
     from fv_serving.onnx.checked import fuse_gated_vector, fuse_vector
     from fv_serving.onnx.graph import GraphSummary, find_image_input, load_model, save_model
@@ -70,7 +61,7 @@ def cmd_fused(args: argparse.Namespace) -> int:
         Path(args.out).exists() and Path(args.out).samefile(args.onnx)
     ):
         raise InvalidInputError(f"--out {args.out} is the input graph itself; write the fused graph to another file")
-    normalized = _normalized_input(args)
+    normalized = normalized_input(args)
     vector = load_vector(args.vector)
     original = load_model(args.onnx, "classifier graph")
     fuse = fuse_gated_vector if args.gated else fuse_vector
@@ -153,10 +144,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx", required=True, help="the classifier graph (ours or any other exporter's)")
     p.add_argument("--vector", required=True, help="forget-vector file (.safetensors)")
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--input-name", help="the image input, when the graph has several [N,C,H,W] float inputs")
-    p.add_argument("--normalized-input", action="store_true", help="the graph takes (x - mean)/std, not pixels")
-    p.add_argument("--mean", type=float, nargs="+", help="per-channel pixel mean of that normalisation")
-    p.add_argument("--std", type=float, nargs="+", help="per-channel pixel std of that normalisation")
+    add_graph_input(p)
     p.add_argument("--id-output", action="store_true", help="add a vector_id output (changes the outputs)")
     p.add_argument(
         "--gated",

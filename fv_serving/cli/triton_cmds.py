@@ -46,6 +46,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     remote = args.out.startswith("s3://")
     fleet = args.fleet or remote  # switches on object storage are fleet switches
+    if fleet and args.gated:
+        raise InvalidInputError("the gated mode is served by single deployments only, not yet by the fleet layout")
     if not remote:
         out = Path(args.out)
         if out.is_dir() and any(out.iterdir()) and not args.overwrite:
@@ -79,6 +81,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             policy=admission_policy(args),
             overwrite=args.overwrite,
             checks=checks,
+            gated=args.gated,
         )
         notes = []
         if fleet:
@@ -216,6 +219,8 @@ def cmd_switch(args: argparse.Namespace) -> int:
     target = resolve_target(args, need_repository=True, need_server=not named_fleet)
     assert target.repository is not None
     if is_fleet(open_store(target.repository)):
+        if args.gated:
+            raise InvalidInputError("the gated mode is served by single deployments only, not yet by the fleet layout")
         return _fleet_switch(args, target)
     if named_fleet:
         raise InvalidInputError(f"{target.repository} is not in the fleet layout (fv triton build --fleet)")
@@ -230,12 +235,16 @@ def cmd_switch(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             keep_versions=args.keep_versions,
             log_path=target.log_path,
+            gated=args.gated,
         )
     _print_notes(result.recovered, result.checks, result.warnings)
+    step = "forget_step" if result.topology == "plain" else "forget_step_gated"
     print(
-        f"switched forget_step v{result.previous_version} -> v{result.version}: "
+        f"switched {step} v{result.previous_version} -> v{result.version}: "
         f"vector {result.previous_vector_id} -> {result.vector_id}" + (" (FORCED)" if result.forced else "")
     )
+    if result.topology_changed:
+        print(f"  'unlearned' now runs the {result.topology} topology (ensemble config changed and written)")
     print(
         f"  new vector serving {result.serving_s:.2f} s after the request "
         f"(validation {result.validate_s:.2f} s, Triton load_model {result.load_s:.2f} s); confirmed and journaled"
@@ -244,9 +253,15 @@ def cmd_switch(args: argparse.Namespace) -> int:
         print(f"  removed old version folders {list(result.pruned)}")
     if result.classifier is None:
         return 0
-    if result.classifier.reloaded:
+    if result.classifier.disturbed:
         print(f"WARNING: the classifier WAS reloaded during the switch: {result.classifier.describe()}")
         return 1
+    if result.classifier.reloaded:
+        print(
+            "  classifier reloaded with the plain topology (idle before, no request met it): "
+            + result.classifier.describe()
+        )
+        return 0
     print(f"  classifier not reloaded: {result.classifier.describe()}")
     return 0
 
@@ -402,6 +417,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
 # -- arguments ----------------------------------------------------------------------------------------
 
 
+def _add_gated(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gated",
+        action="store_true",
+        help="serve the (class-wise) vector gated: delta only where the classifier predicts a forgotten class, "
+        "a second classifier pass on those images (not input-agnostic; see fv_serving/triton/topology.py)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from fv_serving.cli.common import OneLineErrorParser
     from fv_serving.triton.flags import DEFAULT_HOST, DEFAULT_READY_TIMEOUT_S
@@ -420,6 +444,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--fleet", action="store_true", help="the fleet layout (blue/green ensembles; see fv serve --replicas)"
     )
     p.add_argument("--fused", action="store_true", help="also add model 'fused' (vector baked in)")
+    _add_gated(p)
     p.add_argument(
         "--runtime",
         choices=RUNTIMES,
@@ -476,6 +501,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--keep-versions", type=int, default=DEFAULT_KEEP_VERSIONS, help="forget_step version folders kept (>= 2)"
     )
+    _add_gated(p)
     p.set_defaults(func=cmd_switch)
 
     p = sub.add_parser("status", help="health, active vector, problems, models, statistics (exit 1 on a problem)")

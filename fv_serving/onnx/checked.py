@@ -12,20 +12,41 @@ The surgery itself (`fv_serving.onnx.fuse`) is pure. Around it, in one place:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from fv_serving.admission import AdmissionPolicy, admit
 from fv_serving.errors import ModelMismatchError
 from fv_serving.fingerprint import probe_batch
 from fv_serving.onnx.fuse import check_fusable, forget_step_graph, fuse_graph
+from fv_serving.onnx.gate_check import parity_images, verify_gated
+from fv_serving.onnx.gated import check_gatable, gate_classes, gated_graph
 from fv_serving.onnx.graph import META_PREFIX, check_model, graph_inputs, metadata, with_metadata
-from fv_serving.onnx.runtime import NormalizedInput, check_vector_matches, verify_forget_step, verify_fused
+from fv_serving.onnx.runtime import (
+    NormalizedInput,
+    check_vector_matches,
+    make_session,
+    pixel_logits_fn,
+    verify_forget_step,
+    verify_fused,
+)
 from fv_serving.provenance import forced_record
 from fv_serving.vectors import ForgetVector
 
 CLASSIFIER_CHECK = "classifier check (probe logits of the unfused classifier graph vs the vector's fingerprint)"
+#: Parity tolerance (relative to the logit scale) for a float16 graph: it adds delta in float16 while the
+#: reference adds it in float32 and rounds the sum, an ulp of the input apart (2^-10 ~ 1e-3 at 1.0) that
+#: the network carries to the logits (measured: <= 7e-4 on the small CNN). Missing or wrong deltas move
+#: the logits by whole units.
+HALF_PARITY_ATOL = 4e-3
+
+
+def _parity_atol(elem_type: int) -> float | None:
+    """The parity tolerance for a graph whose image input has this type (None: the float32 defaults)."""
+    return HALF_PARITY_ATOL if elem_type == onnx.TensorProto.FLOAT16 else None
 
 
 @dataclass(frozen=True)
@@ -67,6 +88,23 @@ def _classifier_check(
     }
 
 
+def _admitted(
+    model: onnx.ModelProto,
+    vector: ForgetVector,
+    image_name: str,
+    force: bool,
+    normalized_input: NormalizedInput | None,
+    provider: str,
+    policy: AdmissionPolicy | None,
+) -> tuple[list[str], str, dict[str, object]]:
+    """(warnings, what was checked, metadata to stamp): admission, then the classifier check of a graph to fuse into."""
+    warnings = admit(vector, policy)
+    checked, stamp = _classifier_check(
+        model, vector, force=force, input_name=image_name, normalized_input=normalized_input, provider=provider
+    )
+    return warnings, checked, stamp
+
+
 def fuse_vector(
     model: onnx.ModelProto,
     vector: ForgetVector,
@@ -79,12 +117,9 @@ def fuse_vector(
     id_output: bool = False,
 ) -> CheckedGraph:
     """The fused graph (`fuse.fuse_graph`), admitted, classifier-checked, checked and verified in onnxruntime."""
-    warnings = admit(vector, policy)
     check_model(model, "the classifier graph")
     image = check_fusable(model, vector, input_name=input_name, normalized_input=normalized_input)
-    checked, stamp = _classifier_check(
-        model, vector, force=force, input_name=image.name, normalized_input=normalized_input, provider=provider
-    )
+    warnings, checked, stamp = _admitted(model, vector, image.name, force, normalized_input, provider, policy)
     fused = with_metadata(
         fuse_graph(model, vector, input_name=image.name, normalized_input=normalized_input, id_output=id_output),
         stamp,
@@ -105,6 +140,7 @@ def fuse_vector(
             probe_batch(image.chw),
             input_name=image.name,
             normalized_input=normalized_input,
+            atol=_parity_atol(image.elem_type),
             provider=provider,
         )
         checks.append(
@@ -113,6 +149,84 @@ def fuse_vector(
     else:
         checks.append("parity not run: the graph has inputs besides the image")
     return CheckedGraph(fused, tuple(checks), tuple(warnings))
+
+
+def fuse_gated_vector(
+    model: onnx.ModelProto,
+    vector: ForgetVector,
+    *,
+    classes: Sequence[int] | None = None,
+    input_name: str | None = None,
+    normalized_input: NormalizedInput | None = None,
+    force: bool = False,
+    provider: str = "cpu",
+    policy: AdmissionPolicy | None = None,
+    id_output: bool = False,
+) -> CheckedGraph:
+    """The gated fused graph (`gated.gated_graph`), admitted, classifier-checked, checked and verified.
+
+    Parity against the gated mode's definition (`gate_check.gated_reference` with the
+    unfused graph) runs on the probe and grey images three times: with the vector's
+    gate, which may fire on few of them; with the gate opened for every class, so the
+    second pass, the gather and the scatter are verified on every image whatever the
+    gate decides; and on one image with the gate closed to its class, an empty second
+    pass. A graph that fails the empty pass gets the guarded form (`gated_graph(guard=True)`).
+    """
+    classes = tuple(gate_classes(vector) if classes is None else classes)
+    check_model(model, "the classifier graph")
+    image = check_gatable(model, vector, classes, input_name=input_name, normalized_input=normalized_input)
+    warnings, checked, stamp = _admitted(model, vector, image.name, force, normalized_input, provider, policy)
+
+    def build(gate: Sequence[int], with_id: bool, guard: bool) -> onnx.ModelProto:
+        return gated_graph(
+            model,
+            vector,
+            gate,
+            input_name=image.name,
+            normalized_input=normalized_input,
+            id_output=with_id,
+            guard=guard,
+        )
+
+    def verify(graph: onnx.ModelProto, gate: Sequence[int], images: np.ndarray) -> tuple[float, int]:
+        return verify_gated(
+            model,
+            graph,
+            vector,
+            gate,
+            images,
+            input_name=image.name,
+            normalized_input=normalized_input,
+            atol=_parity_atol(image.elem_type),
+            provider=provider,
+        )
+
+    pixels = parity_images(image.chw)
+    every = range(vector.classifier.num_classes)
+    first = int(np.argmax(pixel_logits_fn(make_session(model, provider), image, normalized_input)(pixels[:1])))
+    closed = [c for c in every if c != first]  # the first image is not gated: the second pass gets no row
+    try:
+        verify(build(closed, False, False), closed, pixels[:1])
+        guard = False
+    except Exception:  # onnxruntime raises its own exception types: any failure of the empty pass means "guard it"
+        guard = True
+    gated = with_metadata(build(classes, id_output, guard), stamp)
+    check_model(gated, "the gated fused graph")
+    err, fired = verify(gated, classes, pixels)
+    err_all, _ = verify(build(every, False, guard), every, pixels)
+    checks = [
+        "onnx.checker full check",
+        "inputs identical to the original graph; outputs "
+        + ("+ vector_id" if id_output else "identical (drop-in replacement)"),
+        checked,
+        f"gated(x) == the gated mode (fv_serving.gating) in onnxruntime on {len(pixels)} probe/grey images, "
+        f"{fired} gated: max |diff| {err:.2e}; with every class gated: max |diff| {err_all:.2e}",
+        f"gate: delta only where the prediction is one of classes {list(classes)} (not input-agnostic)",
+        "second pass inside If(any row gated): the graph cannot run an empty batch"
+        if guard
+        else "second pass on the gathered rows; an empty one (no row gated) checked on one image",
+    ]
+    return CheckedGraph(gated, tuple(checks), tuple(warnings))
 
 
 def forget_step(

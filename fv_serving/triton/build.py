@@ -6,6 +6,11 @@ imports PyTorch) and one vector choice, validates and verifies everything, then
 writes the repository of `fv_serving.triton.repository` plus `deployment.json`
 (class names, classifier digest, runtime) for `fv status` and `fv infer`, and the
 first line of the switch journal.
+
+`gated=True` starts the deployment in the gated topology (`fv_serving.triton.topology`):
+`unlearned` is the gated step of the (class-wise) vector; forget_step/1 holds the
+plain step of the same vector, checked alike, for a later switch to the plain mode.
+A fused model is then the gated fused graph.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import onnx
 from fv_serving.admission import AdmissionPolicy
 from fv_serving.atomic import write_json_atomic
 from fv_serving.errors import InvalidInputError
-from fv_serving.onnx.checked import fuse_vector
+from fv_serving.onnx.checked import fuse_gated_vector, fuse_vector
 from fv_serving.onnx.graph import META_PREFIX, find_image_input, metadata
 from fv_serving.provenance import now_iso
 from fv_serving.triton import journal
@@ -28,6 +33,7 @@ from fv_serving.triton.deployment import DEPLOYMENT_FILENAME, DEPLOYMENT_FORMAT,
 from fv_serving.triton.forget_step import prepare_forget_step
 from fv_serving.triton.model_config import Device, Runtime
 from fv_serving.triton.repository import ENSEMBLE_MODEL, FUSED_MODEL, build_repository
+from fv_serving.triton.topology import GATED, PLAIN
 from fv_serving.vector_choice import VectorChoice
 
 
@@ -60,6 +66,7 @@ def build_deployment(
     policy: AdmissionPolicy | None = None,
     overwrite: bool = False,
     checks: Sequence[str] = (),
+    gated: bool = False,
 ) -> DeploymentReport:
     """Build and verify the forget step (and fused graph), then write the repository atomically.
 
@@ -68,8 +75,14 @@ def build_deployment(
     """
     names = list(class_names) or _class_names_of(classifier)
     image = find_image_input(classifier)
-    step = prepare_forget_step(choice, classifier, image.chw, force=force, class_names=names, policy=policy)
-    done = [*checks, *step.checks]
+    plain = prepare_forget_step(choice, classifier, image.chw, force=force, class_names=names, policy=policy)
+    gated_step = (
+        prepare_forget_step(choice, classifier, image.chw, force=force, class_names=names, policy=policy, gated=True)
+        if gated
+        else None
+    )
+    step = gated_step or plain
+    done = [*checks, *plain.checks, *(f"gated step: {c}" for c in (gated_step.checks if gated_step else ()))]
     if not names and step.vector is not None:
         names = list(step.vector.notes.get("class_names") or [])
 
@@ -77,21 +90,24 @@ def build_deployment(
     if fused:
         if step.vector is None:
             raise InvalidInputError("a fused model needs a vector (with --off there is nothing to fuse)")
-        built = fuse_vector(classifier, step.vector, force=force, policy=policy, id_output=True)
+        fuse = fuse_gated_vector if gated else fuse_vector
+        built = fuse(classifier, step.vector, force=force, policy=policy, id_output=True)
         fused_graph = built.graph
         done += [f"fused: {c}" for c in built.checks]
 
     repo = build_repository(
         out,
         classifier,
-        step.graph,
+        plain.graph,
         fused_graph,
         runtime=runtime,
         device=device,
         max_batch_size=max_batch_size,
         instance_count=instance_count,
         intra_op_threads=intra_op_threads,
-        forget_step_metadata=step.metadata,
+        forget_step_metadata=plain.metadata,
+        gated_step_onnx=gated_step.graph if gated_step else None,
+        gated_step_metadata=gated_step.metadata if gated_step else None,
         overwrite=overwrite,
     )
     sha = metadata(classifier).get(f"{META_PREFIX}classifier_sha256")
@@ -109,12 +125,18 @@ def build_deployment(
         "max_batch_size": max_batch_size,
         "fused": {"vector_id": step.vector_id, "forced": force} if fused else None,
         "initial_vector": step.metadata,
+        "topology": GATED if gated else PLAIN,
     }
     write_json_atomic(repo / DEPLOYMENT_FILENAME, info)
     journal.append(
         repo,
         "built",
-        to={"version": 1, "vector_id": step.vector_id, "sha256": step_digest(repo, 1)},
+        to={
+            "version": 1,
+            "vector_id": step.vector_id,
+            "sha256": step_digest(repo, 1, model=step.model),
+            **({"model": step.model} if gated else {}),
+        },
         warnings=list(step.warnings),
     )
     models = (ENSEMBLE_MODEL, *((FUSED_MODEL,) if fused else ()))

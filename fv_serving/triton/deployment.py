@@ -62,16 +62,16 @@ def forget_step_input_shape(repository: str | Path) -> tuple[int, int, int]:
     return (c, h, w)
 
 
-def step_path(repository: str | Path, version: int) -> Path:
-    return Path(repository) / FORGET_STEP_MODEL / str(version) / ONNX_FILENAME
+def step_path(repository: str | Path, version: int, *, model: str = FORGET_STEP_MODEL) -> Path:
+    return Path(repository) / model / str(version) / ONNX_FILENAME
 
 
-def published_step(repository: str | Path, version: int) -> onnx.ModelProto:
-    """The forget-step graph of a published version."""
-    path = step_path(repository, version)
+def published_step(repository: str | Path, version: int, *, model: str = FORGET_STEP_MODEL) -> onnx.ModelProto:
+    """The forget-step graph of a published version (of `model`: forget_step or forget_step_gated)."""
+    path = step_path(repository, version, model=model)
     if not path.is_file():
         raise DataNotFoundError(
-            f"forget_step version {version} has no {path}: the server does not serve this repository, or the "
+            f"{model} version {version} has no {path}: the server does not serve this repository, or the "
             "folder was removed"
         )
     try:
@@ -80,9 +80,9 @@ def published_step(repository: str | Path, version: int) -> onnx.ModelProto:
         raise OnnxGraphError(f"cannot read the forget step {path}: {exc}") from exc
 
 
-def step_digest(repository: str | Path, version: int) -> str:
+def step_digest(repository: str | Path, version: int, *, model: str = FORGET_STEP_MODEL) -> str:
     """sha256 of a version's model.onnx: what the journal records of it."""
-    return hashlib.sha256(step_path(repository, version).read_bytes()).hexdigest()
+    return hashlib.sha256(step_path(repository, version, model=model).read_bytes()).hexdigest()
 
 
 def served_version(client: TritonClient) -> int:

@@ -6,6 +6,12 @@ shape against the image shape the deployment serves, and the classifier fingerpr
 (the deployed classifier graph is run in onnxruntime on the vector's probe images and
 must reproduce the logits recorded in the vector). `force=True` skips only the
 fingerprint check, and says so in the sidecar stored next to the published version.
+
+A gated step (`gated=True`, class-wise vectors) is the deployed classifier's gated
+graph (`fv_serving.onnx.gated`: delta only where the classifier predicts a forgotten
+class, the second pass on those rows only), checked against the gated mode's
+definition, published into `forget_step_gated` (`fv_serving.triton.topology` says why
+it is a model of its own). It answers with the vector's id marked "-gated".
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ import onnx
 
 from fv_serving.admission import AdmissionPolicy
 from fv_serving.config import METRIC_NAMES
-from fv_serving.errors import ModelMismatchError
-from fv_serving.onnx.checked import forget_step
+from fv_serving.errors import InvalidInputError, ModelMismatchError
+from fv_serving.onnx.checked import forget_step, fuse_gated_vector
+from fv_serving.onnx.gated import gate_classes, gate_record, gated_vector_id
 from fv_serving.onnx.graph import META_PREFIX, OFF_ID, metadata
 from fv_serving.provenance import now_iso, who
+from fv_serving.triton.repository import FORGET_STEP_MODEL, GATED_STEP_MODEL
 from fv_serving.vector_choice import VectorChoice
 from fv_serving.vectors import ForgetVector
 
@@ -39,10 +47,18 @@ class PreparedStep:
     metadata: dict[str, Any]
     checks: tuple[str, ...]
     warnings: tuple[str, ...]
+    gated: bool = False
 
     @property
     def vector_id(self) -> str:
-        return self.vector.vector_id if self.vector is not None else OFF_ID
+        if self.vector is None:
+            return OFF_ID
+        return gated_vector_id(self.vector) if self.gated else self.vector.vector_id
+
+    @property
+    def model(self) -> str:
+        """The versioned model the step is published into."""
+        return GATED_STEP_MODEL if self.gated else FORGET_STEP_MODEL
 
 
 def prepare_forget_step(
@@ -53,19 +69,31 @@ def prepare_forget_step(
     force: bool = False,
     class_names: Sequence[str] = (),
     policy: AdmissionPolicy | None = None,
+    gated: bool = False,
 ) -> PreparedStep:
-    """Resolve, validate and build the forget step; nothing is written and no server is touched."""
+    """Resolve, validate and build the forget step (gated: the gated step); nothing is written, no server touched."""
     vector = choice.resolve(class_names)
     if vector is not None and tuple(vector.delta.shape) != tuple(image_shape):
         raise ModelMismatchError(
             f"forget vector {vector.vector_id} has shape {list(vector.delta.shape)}, but the deployment "
             f"serves [N,{','.join(map(str, image_shape))}] images"
         )
-    checked = forget_step(vector, image_shape, classifier=classifier, force=force, policy=policy)
+    if gated and vector is None:
+        raise InvalidInputError("the gated mode needs a class-wise vector; with --off there is nothing to gate")
+    if gated:
+        assert vector is not None
+        checked = fuse_gated_vector(classifier, vector, force=force, policy=policy, id_output=True)
+    else:
+        checked = forget_step(vector, image_shape, classifier=classifier, force=force, policy=policy)
     raw_forced = metadata(checked.graph).get(f"{META_PREFIX}forced")
     forced = json.loads(raw_forced) if raw_forced else None
     sidecar = sidecar_metadata(vector, choice, forced, checked.warnings)
-    return PreparedStep(checked.graph, vector, sidecar, checked.checks, checked.warnings)
+    if gated:
+        assert vector is not None
+        sidecar.update(
+            vector_id=gated_vector_id(vector), delta_vector_id=vector.vector_id, gate=gate_record(gate_classes(vector))
+        )
+    return PreparedStep(checked.graph, vector, sidecar, checked.checks, checked.warnings, gated)
 
 
 def sidecar_metadata(

@@ -5,6 +5,8 @@ Layout (`runtime="python"` adds the ORT runner's model.py to each ONNX version f
     <repo>/classifier/config.pbtxt, 1/model.onnx
     <repo>/forget_step/config.pbtxt, <n>/model.onnx, <n>/forget_step.json
     <repo>/unlearned/config.pbtxt, 1/            (ensemble forget_step -> classifier, + vector_id)
+    <repo>/forget_step_gated/config.pbtxt, <n>/  (gated mode: versions like forget_step's; the ensemble is then
+                                                  this one step, see fv_serving.triton.topology)
     <repo>/fused/config.pbtxt, 1/model.onnx      (optional: delta baked into the classifier)
     <repo>/deployment.json, journal.jsonl        (what was built; every switch, append-only)
 
@@ -46,7 +48,9 @@ CLASSIFIER_MODEL = "classifier"
 FORGET_STEP_MODEL = "forget_step"
 ENSEMBLE_MODEL = "unlearned"
 FUSED_MODEL = "fused"
-MODEL_NAMES = (CLASSIFIER_MODEL, FORGET_STEP_MODEL, ENSEMBLE_MODEL, FUSED_MODEL)
+#: The gated forget step: the classifier's gated graph (delta only on forgotten-class predictions), versioned.
+GATED_STEP_MODEL = "forget_step_gated"
+MODEL_NAMES = (CLASSIFIER_MODEL, FORGET_STEP_MODEL, ENSEMBLE_MODEL, FUSED_MODEL, GATED_STEP_MODEL)
 
 ONNX_FILENAME = mcfg.ONNX_FILENAME
 RUNNER_FILENAME = "model.py"
@@ -112,13 +116,18 @@ def build_repository(
     instance_count: int = 1,
     intra_op_threads: int = 1,
     forget_step_metadata: Mapping[str, Any] | None = None,
+    gated_step_onnx: OnnxSource | None = None,
+    gated_step_metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a complete model repository to `out_dir` atomically and return its path.
 
     The whole tree is built in a temporary folder beside `out_dir` and renamed into
     place, so a failure never leaves a half-built repository. An existing non-empty
-    `out_dir` is refused unless `overwrite=True`.
+    `out_dir` is refused unless `overwrite=True`. With `gated_step_onnx` (the
+    classifier's gated graph with a vector_id output) the repository starts in the
+    gated mode: `unlearned` is that one step; forget_step is written all the same,
+    so that a later switch to a plain vector finds it.
     """
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
@@ -134,6 +143,9 @@ def build_repository(
     _check_chain(forget_step.signature, classifier.signature)
     if fused is not None:
         _check_same_io(fused.signature, classifier.signature)
+    gated = _load_graph(gated_step_onnx, "gated step") if gated_step_onnx is not None else None
+    if gated is not None:
+        _check_same_io(gated.signature, classifier.signature)
 
     def step_config(name: str, signature: GraphSignature, pinned: tuple[int, ...] | None = None) -> ModelConfig:
         return mcfg.onnx_step_config(
@@ -152,8 +164,11 @@ def build_repository(
         CLASSIFIER_MODEL: step_config(CLASSIFIER_MODEL, classifier.signature),
         # pinned to the confirmed version: see the module docstring
         FORGET_STEP_MODEL: step_config(FORGET_STEP_MODEL, forget_step.signature, pinned=(1,)),
-        ENSEMBLE_MODEL: _ensemble(forget_step.signature, classifier.signature, max_batch_size),
+        ENSEMBLE_MODEL: plain_ensemble(forget_step.signature, classifier.signature, max_batch_size),
     }
+    if gated is not None:
+        configs[GATED_STEP_MODEL] = step_config(GATED_STEP_MODEL, gated.signature, pinned=(1,))
+        configs[ENSEMBLE_MODEL] = gated_ensemble(gated.signature, forget_step.signature.inputs[0], max_batch_size)
     mcfg.check_ensemble_steps(configs[ENSEMBLE_MODEL], configs)
     if fused is not None:
         configs[FUSED_MODEL] = step_config(FUSED_MODEL, fused.signature)
@@ -171,6 +186,9 @@ def build_repository(
         (staging / ENSEMBLE_MODEL / "1").mkdir()  # Triton requires the (empty) version folder
         if fused is not None:
             _write_version(staging / FUSED_MODEL / "1", version_files(fused.data, runtime))
+        if gated is not None:
+            files = version_files(gated.data, runtime, gated_step_metadata or {})
+            _write_version(staging / GATED_STEP_MODEL / "1", files)
         _swap_into_place(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -181,14 +199,16 @@ def publish_forget_step_version(
     repo_dir: str | os.PathLike[str],
     onnx_model: OnnxSource,
     metadata: Mapping[str, Any] | None = None,
+    *,
+    model: str = FORGET_STEP_MODEL,
 ) -> int:
-    """Write the next forget_step version folder atomically and return its number.
+    """Write the next forget_step (or `model`: GATED_STEP_MODEL) version folder atomically and return its number.
 
-    The graph must have exactly the inputs/outputs of the forget_step config, so the
+    The graph must have exactly the inputs/outputs of the model's config, so the
     ensemble and the classifier keep working unchanged. Loading it into a running
     server is the caller's step (`load_model("forget_step")`).
     """
-    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+    model_dir = Path(repo_dir) / model
     config = mcfg.read_config(model_dir)
     data = checked_step_bytes(config, onnx_model)
     for _ in range(5):  # another publisher may take the same number first
@@ -201,9 +221,9 @@ def publish_forget_step_version(
     raise InvalidInputError(f"could not claim a new version folder in {model_dir}: too many concurrent publishers")
 
 
-def list_forget_step_versions(repo_dir: str | os.PathLike[str]) -> list[int]:
-    """Published forget_step versions, ascending (temporary folders of in-flight writes excluded)."""
-    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+def list_forget_step_versions(repo_dir: str | os.PathLike[str], *, model: str = FORGET_STEP_MODEL) -> list[int]:
+    """Published forget_step (or `model`) versions, ascending (temporary folders of in-flight writes excluded)."""
+    model_dir = Path(repo_dir) / model
     if not model_dir.is_dir():
         raise InvalidInputError(f"{model_dir} is missing: {repo_dir} is not a forget-vector repository")
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
@@ -248,9 +268,9 @@ def version_files(onnx_bytes: bytes, runtime: Runtime, metadata: Mapping[str, An
     return files
 
 
-def confirmed_version(repo_dir: str | os.PathLike[str]) -> int:
-    """The forget_step version the repository's config pins: what any (re)started Triton serves."""
-    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+def confirmed_version(repo_dir: str | os.PathLike[str], *, model: str = FORGET_STEP_MODEL) -> int:
+    """The forget_step (or `model`) version the repository's config pins: what any (re)started Triton serves."""
+    model_dir = Path(repo_dir) / model
     pinned = mcfg.pinned_versions(mcfg.read_config(model_dir))
     if len(pinned) != 1:
         raise InvalidInputError(
@@ -260,21 +280,23 @@ def confirmed_version(repo_dir: str | os.PathLike[str]) -> int:
     return pinned[0]
 
 
-def forget_step_config(repo_dir: str | os.PathLike[str], version: int) -> ModelConfig:
-    """forget_step's config with `version` pinned: what a switch loads through a config override."""
-    return mcfg.pin_versions(mcfg.read_config(Path(repo_dir) / FORGET_STEP_MODEL), [version])
+def forget_step_config(
+    repo_dir: str | os.PathLike[str], version: int, *, model: str = FORGET_STEP_MODEL
+) -> ModelConfig:
+    """forget_step's (or `model`'s) config with `version` pinned: what a switch loads through a config override."""
+    return mcfg.pin_versions(mcfg.read_config(Path(repo_dir) / model), [version])
 
 
-def confirm_version(repo_dir: str | os.PathLike[str], version: int) -> None:
-    """Pin `version` in forget_step/config.pbtxt (atomic, fsynced): from now on it is what a start serves."""
-    if version not in list_forget_step_versions(repo_dir):
-        raise InvalidInputError(f"{repo_dir}: forget_step has no version folder {version} to confirm")
-    mcfg.write_config(Path(repo_dir) / FORGET_STEP_MODEL, forget_step_config(repo_dir, version))
+def confirm_version(repo_dir: str | os.PathLike[str], version: int, *, model: str = FORGET_STEP_MODEL) -> None:
+    """Pin `version` in forget_step/config.pbtxt (or `model`'s; atomic, fsynced): what a start serves from now on."""
+    if version not in list_forget_step_versions(repo_dir, model=model):
+        raise InvalidInputError(f"{repo_dir}: {model} has no version folder {version} to confirm")
+    mcfg.write_config(Path(repo_dir) / model, forget_step_config(repo_dir, version, model=model))
 
 
-def set_aside_version(repo_dir: str | os.PathLike[str], version: int) -> Path:
+def set_aside_version(repo_dir: str | os.PathLike[str], version: int, *, model: str = FORGET_STEP_MODEL) -> Path:
     """Rename an unconfirmed version folder out of Triton's reach (kept for inspection; pruned later)."""
-    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+    model_dir = Path(repo_dir) / model
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     target = model_dir / f"{SET_ASIDE_PREFIX}{version}-{stamp}"
     os.rename(model_dir / str(version), target)
@@ -282,16 +304,18 @@ def set_aside_version(repo_dir: str | os.PathLike[str], version: int) -> Path:
     return target
 
 
-def remove_temp_folders(repo_dir: str | os.PathLike[str]) -> list[Path]:
+def remove_temp_folders(repo_dir: str | os.PathLike[str], *, model: str = FORGET_STEP_MODEL) -> list[Path]:
     """Delete the `.<n>.*.tmp` folders of version writes that were killed mid-way (the caller holds the lock)."""
-    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
+    model_dir = Path(repo_dir) / model
     doomed = [p for p in model_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
 
 
-def prune_forget_step_versions(repo_dir: str | os.PathLike[str], keep: int = 2) -> list[str]:
+def prune_forget_step_versions(
+    repo_dir: str | os.PathLike[str], keep: int = 2, *, model: str = FORGET_STEP_MODEL
+) -> list[str]:
     """Keep the confirmed version and the newest others up to `keep` in all; keep `keep` set-aside folders.
 
     Older folders are history: a previous vector at hand for a quick look back is
@@ -299,9 +323,9 @@ def prune_forget_step_versions(repo_dir: str | os.PathLike[str], keep: int = 2) 
     """
     if keep < 1:
         raise InvalidInputError(f"keep must be >= 1 (the served version stays), got {keep}")
-    model_dir = Path(repo_dir) / FORGET_STEP_MODEL
-    confirmed = confirmed_version(repo_dir)
-    others = [v for v in list_forget_step_versions(repo_dir) if v != confirmed]
+    model_dir = Path(repo_dir) / model
+    confirmed = confirmed_version(repo_dir, model=model)
+    others = [v for v in list_forget_step_versions(repo_dir, model=model) if v != confirmed]
     doomed = [str(v) for v in others[: max(0, len(others) - (keep - 1))]]
     aside = sorted(
         (p.name for p in model_dir.iterdir() if p.name.startswith(SET_ASIDE_PREFIX)),
@@ -313,15 +337,17 @@ def prune_forget_step_versions(repo_dir: str | os.PathLike[str], keep: int = 2) 
     return doomed
 
 
-def read_forget_step_metadata(repo_dir: str | os.PathLike[str], version: int | None = None) -> dict[str, Any]:
-    """The metadata stored with a forget_step version (the latest one by default)."""
-    versions = list_forget_step_versions(repo_dir)
+def read_forget_step_metadata(
+    repo_dir: str | os.PathLike[str], version: int | None = None, *, model: str = FORGET_STEP_MODEL
+) -> dict[str, Any]:
+    """The metadata stored with a forget_step (or `model`) version (the latest one by default)."""
+    versions = list_forget_step_versions(repo_dir, model=model)
     if not versions:
-        raise InvalidInputError(f"{repo_dir}: forget_step has no version folder")
+        raise InvalidInputError(f"{repo_dir}: {model} has no version folder")
     chosen = versions[-1] if version is None else version
     if chosen not in versions:
-        raise InvalidInputError(f"{repo_dir}: forget_step has no version {chosen} (has {versions})")
-    path = Path(repo_dir) / FORGET_STEP_MODEL / str(chosen) / METADATA_FILENAME
+        raise InvalidInputError(f"{repo_dir}: {model} has no version {chosen} (has {versions})")
+    path = Path(repo_dir) / model / str(chosen) / METADATA_FILENAME
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     return result
 
@@ -447,7 +473,7 @@ def _describe(signature: GraphSignature) -> str:
 # -- configs and files -------------------------------------------------------------------------------
 
 
-def _ensemble(forget_step: GraphSignature, classifier: GraphSignature, max_batch_size: int) -> ModelConfig:
+def plain_ensemble(forget_step: GraphSignature, classifier: GraphSignature, max_batch_size: int) -> ModelConfig:
     """Ensemble `unlearned`: the forget step's input; the classifier's output and the vector id per item."""
     image, (perturbed, vector_id) = forget_step.inputs[0], forget_step.outputs
     into, logits = classifier.inputs[0], classifier.outputs[0]
@@ -462,6 +488,20 @@ def _ensemble(forget_step: GraphSignature, classifier: GraphSignature, max_batch
         EnsembleStep(CLASSIFIER_MODEL, {into.name: PERTURBED_TENSOR}, {logits.name: logits.name}),
     ]
     return mcfg.ensemble_config(ENSEMBLE_MODEL, [image], [logits, vector_id], steps, max_batch_size=max_batch_size)
+
+
+def gated_ensemble(gated_step: GraphSignature, image: TensorSpec, max_batch_size: int) -> ModelConfig:
+    """Ensemble `unlearned` in the gated mode: the gated step alone, with the plain ensemble's public tensors.
+
+    `image` is the plain ensemble's input (the forget step's), so callers see the same
+    input and outputs (logits, vector_id) in both modes, whatever the classifier names
+    its own input.
+    """
+    into, (logits, vector_id) = gated_step.inputs[0], gated_step.outputs
+    step = EnsembleStep(
+        GATED_STEP_MODEL, {into.name: image.name}, {logits.name: logits.name, vector_id.name: vector_id.name}
+    )
+    return mcfg.ensemble_config(ENSEMBLE_MODEL, [image], [logits, vector_id], [step], max_batch_size=max_batch_size)
 
 
 def _write_version(version_dir: Path, files: Mapping[str, bytes]) -> None:

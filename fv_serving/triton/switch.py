@@ -29,6 +29,21 @@ Triton is asked to load forget_step from config.pbtxt (back to V), N is set asid
 only once Triton no longer loads it (removing a folder Triton is still loading left
 it stuck LOADING), the ensemble is checked to answer with V, and the journal records
 "rolled_back" with the reason. Signals are held off during the rollback.
+
+Gated vectors (`gated=True`) are published into forget_step_gated, whose pinned
+version serves when `unlearned` has the gated topology (`fv_serving.triton.topology`
+says why). A switch between a plain and a gated vector changes the topology as well.
+Loading an ensemble makes Triton (2.51, measured) load its steps from their configs
+ON DISK, whatever version a config override loaded before; so at step 6 the new
+version is pinned in its model's config first (no ensemble on disk refers to that
+model yet: a restart is unaffected), that model is loaded and waited for, then
+`unlearned` is loaded with the new topology through a config override (failpoint
+"switch:topology"). At step 8 unlearned/config.pbtxt is written: the commit point,
+before which a restart serves the old topology and vector. A rollback restores the
+old pin and loads `unlearned` from disk again. Recovery puts a server back on the
+disk's topology first.
+The classifier evidence counts only the images that went through the classifier
+model (none in the gated topology, whose step holds the classifier's graph).
 """
 
 from __future__ import annotations
@@ -44,20 +59,19 @@ from fv_serving.admission import AdmissionPolicy
 from fv_serving.errors import FVError, SwitchError
 from fv_serving.failpoints import failpoint
 from fv_serving.fingerprint import logits_match, probe_batch
-from fv_serving.onnx.runtime import make_session
 from fv_serving.triton import journal
+from fv_serving.triton import model_config as mcfg
 from fv_serving.triton.client import TritonClient
 from fv_serving.triton.deployment import (
     class_names_of,
     deployed_classifier,
     forget_step_input_shape,
     published_step,
-    served_version,
     step_digest,
 )
 from fv_serving.triton.forget_step import PreparedStep, prepare_forget_step
 from fv_serving.triton.locking import switch_lock
-from fv_serving.triton.recovery import recover, wait_until_settled
+from fv_serving.triton.recovery import recover
 from fv_serving.triton.repository import (
     CLASSIFIER_MODEL,
     ENSEMBLE_MODEL,
@@ -71,6 +85,20 @@ from fv_serving.triton.repository import (
     set_aside_version,
 )
 from fv_serving.triton.signals import raise_if_stopped, signals_held
+from fv_serving.triton.topology import (
+    GATED,
+    PLAIN,
+    disk_ensemble,
+    ensemble_for,
+    ensure_gated_model,
+    recover_topology,
+    served_step,
+    serving_mode,
+    settle,
+    step_model,
+    step_reference,
+    write_ensemble,
+)
 from fv_serving.vector_choice import VectorChoice
 
 DEFAULT_TIMEOUT_S = 60.0
@@ -91,6 +119,17 @@ class ClassifierEvidence:
     images_sent_between: int  # images the switch itself sent through the ensemble between the two snapshots
     loads_logged_before: int | None  # "successfully loaded 'classifier'" lines in the server log
     loads_logged_after: int | None
+    served_before: bool = True  # False when the gated topology served: the classifier model was idle
+
+    @property
+    def disturbed(self) -> bool:
+        """A reload of the classifier while it served: what a switch must never do.
+
+        Loading `unlearned` again in the plain topology makes Triton 2.51 reload the
+        classifier (measured; it loads an ensemble's steps when it loads the ensemble),
+        but after the gated topology the classifier served nothing, so no request met it.
+        """
+        return self.reloaded and self.served_before
 
     @property
     def reloaded(self) -> bool:
@@ -127,6 +166,8 @@ class SwitchResult:
     classifier: ClassifierEvidence | None  # None when the server could not be asked after the switch
     pruned: tuple[str, ...]
     recovered: tuple[str, ...]  # what recovery found and did before this switch
+    topology: str = PLAIN  # the topology of `unlearned` after the switch (plain or gated)
+    topology_changed: bool = False
 
 
 def switch_vector(
@@ -139,17 +180,25 @@ def switch_vector(
     timeout_s: float = DEFAULT_TIMEOUT_S,
     keep_versions: int = DEFAULT_KEEP_VERSIONS,
     log_path: str | Path | None = None,
+    gated: bool = False,
 ) -> SwitchResult:
     """Validate `choice` (a VectorChoice) against the repository, then make it the served vector (module doc).
 
     `client` must carry the deployment's model-control key; `log_path` (the server
     log, known for servers started by `fv serve`) adds the log to the classifier evidence.
+    `gated=True` serves the (class-wise) vector in the gated mode.
     """
     requested = time.monotonic()
     repo = Path(repository).absolute()
     classifier = deployed_classifier(repo)
     step = prepare_forget_step(
-        choice, classifier, forget_step_input_shape(repo), force=force, class_names=class_names_of(repo), policy=policy
+        choice,
+        classifier,
+        forget_step_input_shape(repo),
+        force=force,
+        class_names=class_names_of(repo),
+        policy=policy,
+        gated=gated,
     )
     return activate_forget_step(
         repo,
@@ -181,43 +230,77 @@ def activate_forget_step(
     repo = Path(repository).absolute()
     classifier = classifier if classifier is not None else deployed_classifier(repo)
     probe = probe_batch(forget_step_input_shape(repo))
-    expected = ensemble_reference(classifier, step.graph, probe)
+    expected = step_reference(classifier, step.model, step.graph, probe)
     log = Path(log_path) if log_path is not None else None
+    model, topology = step.model, GATED if step.gated else PLAIN
 
     with switch_lock(repo, timeout_s, f"switch to {step.vector_id}"):
-        _require_serving(client, repo, served_version(client), classifier, probe)  # this repository's server?
-        recovered = recover(repo, client, timeout_s)
-        previous = confirmed_version(repo)
-        previous_expected, previous_id = _require_serving(client, repo, previous, classifier, probe)
-        before = _classifier_snapshot(client, log, min_count=len(probe))  # the probe above has counted
+        _require_serving(client, repo, served_step(client), classifier, probe)  # this repository's server?
+        recovered = recover_topology(repo, client, timeout_s) + recover(repo, client, timeout_s)
+        origin_topology = serving_mode(repo)
+        previous_model = step_model(origin_topology)
+        previous = confirmed_version(repo, model=previous_model)
+        previous_expected, previous_id = _require_serving(client, repo, (previous_model, previous), classifier, probe)
+        changes_topology = topology != origin_topology
+        # only images through the plain topology reach the classifier model (and count in its statistics)
+        before = _classifier_snapshot(client, log, min_count=len(probe) if origin_topology == PLAIN else 0)
         validated = time.monotonic()
         switch_id = journal.new_switch_id()
-        origin = {"version": previous, "vector_id": previous_id, "sha256": step_digest(repo, previous)}
+        origin = {
+            "version": previous,
+            "vector_id": previous_id,
+            "sha256": step_digest(repo, previous, model=previous_model),
+            **({"model": previous_model} if changes_topology or model != FORGET_STEP_MODEL else {}),
+        }
         journal.append(repo, "begin", switch=switch_id, **{"from": origin}, to={"vector_id": step.vector_id})
 
         version: int | None = None
+        pin_before = _pin(repo, model)
         try:
-            version = publish_forget_step_version(repo, step.graph, step.metadata)
+            if step.gated:  # (a plain step keeps the call as it always was)
+                ensure_gated_model(repo, step.graph)
+                version = publish_forget_step_version(repo, step.graph, step.metadata, model=model)
+            else:
+                version = publish_forget_step_version(repo, step.graph, step.metadata)
             failpoint("switch:after-publish")
             raise_if_stopped()
             load_started = time.monotonic()
+            deadline = load_started + timeout_s
             failpoint("switch:loading")
-            client.load_model(FORGET_STEP_MODEL, config=forget_step_config(repo, version))
+            if changes_topology:  # pinned on disk first: loading `unlearned` reloads its steps from disk (module doc)
+                _write_pin(repo, model, version)
+                client.load_model(model)
+                _wait_until_ready(client, model, version, deadline)
+                failpoint("switch:topology")
+                client.load_model(ENSEMBLE_MODEL, config=ensemble_for(repo, topology))
+            else:
+                client.load_model(model, config=forget_step_config(repo, version, model=model))
             load_s = time.monotonic() - load_started
-            sent = _wait_until_serving(client, version, probe, expected, step.vector_id, load_started + timeout_s)
+            sent = _wait_until_serving(client, model, version, probe, expected, step.vector_id, deadline)
             failpoint("switch:before-confirm")
             raise_if_stopped()
         except (FVError, OSError, KeyboardInterrupt) as exc:  # Ctrl-C and SIGTERM mid-switch roll back too
             with signals_held():
-                raise _roll_back(repo, client, switch_id, version, previous, probe, previous_expected, exc) from exc
+                failed = _Attempt(model, version, changes_topology, pin_before)
+                raise _roll_back(repo, client, switch_id, failed, previous, probe, previous_expected, exc) from exc
         serving_s = time.monotonic() - requested
         with signals_held():  # confirming is two writes: let nothing come between them
-            confirm_version(repo, version)
+            if changes_topology:
+                write_ensemble(repo, topology)  # the commit point of a topology change (the pin is written)
+            else:
+                confirm_version(repo, version, model=model)
             failpoint("switch:after-confirm")
-            target = {"version": version, "vector_id": step.vector_id, "sha256": step_digest(repo, version)}
+            target = {
+                "version": version,
+                "vector_id": step.vector_id,
+                "sha256": step_digest(repo, version, model=model),
+            }
+            if origin.get("model") is not None:
+                target["model"] = model
             journal.append(repo, "confirmed", switch=switch_id, **{"from": origin}, to=target)
-        pruned = tuple(prune_forget_step_versions(repo, keep_versions))
+        pruned = tuple(prune_forget_step_versions(repo, keep_versions, model=model))
         warnings = list(step.warnings)
+        sent = sent if topology == PLAIN else 0  # probes sent through the gated topology skip the classifier model
         try:  # the switch is done; what follows is evidence, and a server gone by now must not undo it
             after = _classifier_snapshot(client, log, min_count=before[1] + sent)
             evidence: ClassifierEvidence | None = ClassifierEvidence(
@@ -228,6 +311,7 @@ def activate_forget_step(
                 images_sent_between=sent,
                 loads_logged_before=before[2],
                 loads_logged_after=after[2],
+                served_before=origin_topology == PLAIN,
             )
         except FVError as exc:
             evidence = None
@@ -247,15 +331,14 @@ def activate_forget_step(
         classifier=evidence,
         pruned=pruned,
         recovered=tuple(recovered),
+        topology=topology,
+        topology_changed=changes_topology,
     )
 
 
 def ensemble_reference(classifier: onnx.ModelProto, step: onnx.ModelProto, images: np.ndarray) -> np.ndarray:
-    """classifier(step(images)) in local onnxruntime: what the ensemble must answer."""
-    step_session = make_session(step, threads=1, spinning=False)
-    perturbed = step_session.run(None, {step_session.get_inputs()[0].name: images})[0]
-    clf_session = make_session(classifier, threads=1, spinning=False)
-    return np.asarray(clf_session.run(None, {clf_session.get_inputs()[0].name: perturbed})[0])
+    """classifier(step(images)) in local onnxruntime: what the plain ensemble must answer."""
+    return step_reference(classifier, FORGET_STEP_MODEL, step, images)
 
 
 def answers_with(
@@ -274,40 +357,55 @@ def answers_with(
 
 
 def _require_serving(
-    client: TritonClient, repo: Path, version: int, classifier: onnx.ModelProto, probe: np.ndarray
+    client: TritonClient, repo: Path, step: tuple[str, int], classifier: onnx.ModelProto, probe: np.ndarray
 ) -> tuple[np.ndarray, str]:
-    """Refuse unless the server answers like `repo`'s forget_step `version`; return its expected logits and id.
+    """Refuse unless the server answers like `repo`'s `step` (model, version); return its expected logits and id.
 
     Checked before recovery too: recovery acts on the server, so it must be this repository's.
     """
-    served = served_version(client)
+    model, version = step
     try:
-        expected = ensemble_reference(classifier, published_step(repo, version), probe)
+        served = served_step(client)
+        expected = step_reference(classifier, model, published_step(repo, version, model=model), probe)
     except FVError as exc:
         raise SwitchError(f"{exc}; nothing was changed") from exc
-    vector_id = str(read_forget_step_metadata(repo, version).get("vector_id", "?"))
-    if served != version or not answers_with(client, probe, expected, vector_id):
+    vector_id = str(read_forget_step_metadata(repo, version, model=model).get("vector_id", "?"))
+    if served != step or not answers_with(client, probe, expected, vector_id):
         raise SwitchError(
-            f"the server at {client.url} does not answer with {repo}'s forget_step version {version} "
-            f"(it has version {served} READY): wrong --url / --repository pair? Nothing was changed."
+            f"the server at {client.url} does not answer with {repo}'s {model} version {version} "
+            f"(it has {served[0]} version {served[1]} READY): wrong --url / --repository pair? Nothing was changed."
         )
     return expected, vector_id
 
 
+def _wait_until_ready(client: TritonClient, model: str, version: int, deadline: float) -> None:
+    while not client.is_model_ready(model, str(version)):
+        raise_if_stopped()
+        if time.monotonic() > deadline:
+            raise SwitchError(f"{model} version {version} was not READY in time")
+        time.sleep(0.02)
+
+
 def _wait_until_serving(
-    client: TritonClient, version: int, probe: np.ndarray, expected: np.ndarray, vector_id: str, deadline: float
+    client: TritonClient,
+    model: str,
+    version: int,
+    probe: np.ndarray,
+    expected: np.ndarray,
+    vector_id: str,
+    deadline: float,
 ) -> int:
-    """Poll until `version` is READY and the ensemble answers with it; return the images sent meanwhile."""
+    """Poll until `model` `version` is READY and the ensemble answers with it; return the images sent meanwhile."""
     sent = 0
     while True:
         raise_if_stopped()
-        if client.is_model_ready(FORGET_STEP_MODEL, str(version)):
+        if client.is_model_ready(model, str(version)):
             sent += len(probe)
             if answers_with(client, probe, expected, vector_id):
                 return sent
         if time.monotonic() > deadline:
             raise SwitchError(
-                f"forget_step version {version} was not READY and answering through {ENSEMBLE_MODEL!r} in time"
+                f"{model} version {version} was not READY and answering through {ENSEMBLE_MODEL!r} in time"
             )
         time.sleep(0.02)
 
@@ -334,27 +432,54 @@ def _classifier_snapshot(
     return index, count, loads
 
 
+@dataclass(frozen=True)
+class _Attempt:
+    """What a failed switch had done: the model it published into, the version (None: not yet), the topology."""
+
+    model: str
+    version: int | None
+    changed_topology: bool
+    pin_before: int | None  # the model's pin before the switch (None: a gated step model it created)
+
+
+def _pin(repo: Path, model: str) -> int | None:
+    """The version `model`'s config pins, or None when the model has no config yet."""
+    return confirmed_version(repo, model=model) if (repo / model / mcfg.CONFIG_FILENAME).is_file() else None
+
+
+def _write_pin(repo: Path, model: str, version: int) -> None:
+    mcfg.write_config(repo / model, forget_step_config(repo, version, model=model))
+
+
 def _roll_back(
     repo: Path,
     client: TritonClient,
     switch_id: str,
-    version: int | None,
+    attempt: _Attempt,
     previous: int,
     probe: np.ndarray,
     previous_expected: np.ndarray,
     cause: BaseException,
 ) -> SwitchError:
-    """Back to the confirmed version; set the new folder aside once Triton lets go of it; say what serves now."""
+    """Back to the confirmed version (and topology); set the new folder aside once Triton lets go of it."""
     notes = []
     settled = False
+    version = attempt.version
     try:
-        client.load_model(FORGET_STEP_MODEL)  # config.pbtxt pins `previous`: back to it (a no-op if still served)
-        settled = wait_until_settled(client, version, DEFAULT_TIMEOUT_S) if version is not None else True
+        if attempt.changed_topology:
+            if attempt.pin_before is not None:
+                _write_pin(repo, attempt.model, attempt.pin_before)
+            client.load_model(ENSEMBLE_MODEL, config=disk_ensemble(repo))  # the previous topology, its steps from disk
+        if attempt.model == FORGET_STEP_MODEL or not attempt.changed_topology:
+            # back to the pin on disk (a no-op if still served); a gated step outside the topology just idles
+            client.load_model(attempt.model)
+        settled = settle(client, attempt.model, version, DEFAULT_TIMEOUT_S) if version is not None else True
     except FVError as exc:
         notes.append(f"reloading the forget step failed too: {exc}")
     if version is not None:
         if settled:
-            notes.append(f"version {version} set aside as {set_aside_version(repo, version).name}")
+            aside = set_aside_version(repo, version, model=attempt.model)
+            notes.append(f"{attempt.model} version {version} set aside as {aside.name}")
         else:
             notes.append(
                 f"version {version} left in place (Triton may still be loading it; the next switch or start "

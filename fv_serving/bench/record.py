@@ -1,0 +1,36 @@
+"""What a benchmark script records with its figures, and how it writes them: one json and one md per run.
+
+Every results file says when it was made, by which command, on which machine and
+under what load (the cores are shared: a figure measured at load 3 is marked so).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fv_serving.atomic import write_bytes_atomic, write_json_atomic
+from fv_serving.bench.machine import load_average, machine_info
+
+
+def provenance(load_start: list[float], **versions: str) -> dict[str, Any]:
+    """date, command and machine (with the load average at the start and now, and the given package versions)."""
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": {**machine_info(), **versions, "loadavg_start": load_start, "loadavg_end": load_average()},
+    }
+
+
+def write_report(out_dir: Path, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
+    """results.json and results.md in `out_dir`, written atomically; the markdown is printed too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "results.json", report)
+    text = markdown(report)
+    write_bytes_atomic(out_dir / "results.md", text.encode())
+    print(text)
+    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
