@@ -429,7 +429,7 @@ def test_failed_switch_is_rolled_back_and_old_vector_keeps_serving(
 ) -> None:
     switch(served, vector=files.trouser)
     x = images[0][:32]
-    repo = served.repository
+    repo = Path(served.repository)
     view_before = server_view(served)
     trouser = load_vector(files.trouser)
     old = reference(served, trouser, x)

@@ -48,7 +48,7 @@ from fv_serving.triton.repository import (
     runtime_of,
     version_files,
 )
-from fv_serving.triton.signals import raise_if_stopped
+from fv_serving.triton.signals import raise_if_stopped, wait_until
 from fv_serving.triton.switch import answers_with, ensemble_reference
 from fv_serving.vector_choice import VectorChoice
 
@@ -160,11 +160,11 @@ def _prepare(
 ) -> None:
     reload_colour(client, idle)  # forget_step now pins {live, N}: the live version stays as it is
     model = colour_model(idle)
-    while not (client.is_model_ready(model) and answers_with(client, probe, expected, vector_id, model)):
-        raise_if_stopped()
-        if time.monotonic() > deadline:
-            raise SwitchError(f"{client.url} did not serve {vector_id} through {model!r} in time")
-        time.sleep(0.02)
+    wait_until(
+        lambda: client.is_model_ready(model) and answers_with(client, probe, expected, vector_id, model),
+        deadline,
+        f"{client.url} did not serve {vector_id} through {model!r} in time",
+    )
 
 
 def _abort(

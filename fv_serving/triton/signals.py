@@ -17,11 +17,12 @@ Two ways to react:
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from fv_serving.errors import StopRequested
+from fv_serving.errors import StopRequested, SwitchError
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _received: list[int] = []  # signals recorded under `stop_requests`
@@ -67,6 +68,15 @@ def raise_if_stopped() -> None:
     """At a safe point: StopRequested if a stop signal arrived (under `stop_requests`)."""
     if _received:
         raise StopRequested(f"interrupted ({signal.Signals(_received[0]).name})")
+
+
+def wait_until(done: Callable[[], bool], deadline: float, failure: str, poll_s: float = 0.02) -> None:
+    """Poll `done` until it holds, stopping at a stop signal (StopRequested) or at `deadline` (SwitchError(failure))."""
+    while not done():
+        raise_if_stopped()
+        if time.monotonic() > deadline:
+            raise SwitchError(failure)
+        time.sleep(poll_s)
 
 
 @contextmanager

@@ -84,7 +84,7 @@ from fv_serving.triton.repository import (
     read_forget_step_metadata,
     set_aside_version,
 )
-from fv_serving.triton.signals import raise_if_stopped, signals_held
+from fv_serving.triton.signals import raise_if_stopped, signals_held, wait_until
 from fv_serving.triton.topology import (
     GATED,
     PLAIN,
@@ -379,11 +379,9 @@ def _require_serving(
 
 
 def _wait_until_ready(client: TritonClient, model: str, version: int, deadline: float) -> None:
-    while not client.is_model_ready(model, str(version)):
-        raise_if_stopped()
-        if time.monotonic() > deadline:
-            raise SwitchError(f"{model} version {version} was not READY in time")
-        time.sleep(0.02)
+    wait_until(
+        lambda: client.is_model_ready(model, str(version)), deadline, f"{model} version {version} was not READY in time"
+    )
 
 
 def _wait_until_serving(
