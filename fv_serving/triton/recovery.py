@@ -30,23 +30,22 @@ from fv_serving.triton.repository import (
 
 #: Index states in which Triton is still working on a version.
 BUSY_STATES = ("LOADING", "UNLOADING")
+#: States of a version that is, or is about to be, serving: one other than the pinned is an interrupted switch's.
+LIVE_STATES = ("READY", "LOADING")
 
 
-def forget_step_rows(client: TritonClient) -> dict[int, str]:
-    """forget_step versions the server knows and their states."""
-    return {
-        int(e.version): e.state
-        for e in client.repository_index()
-        if e.name == FORGET_STEP_MODEL and e.version.isdigit()
-    }
+def version_states(client: TritonClient, model: str) -> dict[int, str]:
+    """The versions of `model` the server knows, and their states."""
+    return {int(e.version): e.state for e in client.repository_index() if e.name == model and e.version.isdigit()}
 
 
-def wait_until_settled(client: TritonClient, version: int | None, timeout_s: float) -> bool:
-    """True once Triton works on no forget_step version (or on `version`, when given) any more."""
+def settle(client: TritonClient, model: str, version: int | None, timeout_s: float) -> bool:
+    """True once Triton works on no version of `model` (or not on `version`, when given) any more."""
     deadline = time.monotonic() + timeout_s
     while True:
-        rows = forget_step_rows(client)
-        busy = [v for v, state in rows.items() if state in BUSY_STATES and (version is None or v == version)]
+        busy = [
+            v for v, state in version_states(client, model).items() if state in BUSY_STATES and version in (None, v)
+        ]
         if not busy:
             return True
         if time.monotonic() > deadline:
@@ -61,12 +60,17 @@ def recover(repository: str | Path, client: TritonClient | None, timeout_s: floa
     notes: list[str] = []
     can_move = True  # no server (a start), or a server that has let go of the newer versions
     if client is not None:
-        rows = forget_step_rows(client)
-        stray = sorted(v for v, state in rows.items() if v != confirmed and state in ("READY", *BUSY_STATES))
+        rows = version_states(client, FORGET_STEP_MODEL)
+        # An older version UNLOADING is Triton letting go after the last switch (a python-backend
+        # stub takes ~1 s to exit): nothing to undo, and waiting for it would slow every switch.
+        stray = sorted(v for v, state in rows.items() if v != confirmed and state in LIVE_STATES)
+        leaving = sorted(v for v, state in rows.items() if v > confirmed and state == "UNLOADING")
+        if leaving and not stray:  # a rolled-back version on its way out: let go of it before moving its folder
+            can_move = all(settle(client, FORGET_STEP_MODEL, v, timeout_s) for v in leaving)
         if stray or rows.get(confirmed) != "READY":
             try:
                 client.load_model(FORGET_STEP_MODEL)
-                settled = wait_until_settled(client, None, timeout_s)
+                settled = settle(client, FORGET_STEP_MODEL, None, timeout_s)
                 notes.append(
                     f"the server had forget_step {stray or 'without the confirmed version'} loaded; reloaded the "
                     f"confirmed version {confirmed}" + ("" if settled else " (still settling)")

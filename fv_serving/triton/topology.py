@@ -53,7 +53,6 @@ the classifier's output name, vector_id), so clients and the gateway see no chan
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +66,7 @@ from fv_serving.onnx.runtime import make_session
 from fv_serving.triton import journal
 from fv_serving.triton import model_config as mcfg
 from fv_serving.triton.client import TritonClient
+from fv_serving.triton.recovery import LIVE_STATES, settle, version_states
 from fv_serving.triton.repository import (
     CLASSIFIER_MODEL,
     ENSEMBLE_MODEL,
@@ -87,8 +87,6 @@ from fv_serving.triton.repository import (
 Mode = Literal["plain", "gated"]
 PLAIN: Mode = "plain"
 GATED: Mode = "gated"
-#: Index states in which Triton is still working on a version.
-BUSY_STATES = ("LOADING", "UNLOADING")
 
 
 def step_model(mode: Mode) -> str:
@@ -169,11 +167,6 @@ def step_reference(classifier: onnx.ModelProto, model: str, step: onnx.ModelProt
     return np.asarray(clf.run(None, {clf.get_inputs()[0].name: out})[0])
 
 
-def version_states(client: TritonClient, model: str) -> dict[int, str]:
-    """The versions of `model` the server knows, and their states."""
-    return {int(e.version): e.state for e in client.repository_index() if e.name == model and e.version.isdigit()}
-
-
 def served_step(client: TritonClient) -> tuple[str, int]:
     """(step model, READY version) that the server's `unlearned` runs (the newest, if two are READY mid-switch)."""
     if not client.is_model_ready(ENSEMBLE_MODEL):
@@ -183,20 +176,6 @@ def served_step(client: TritonClient) -> tuple[str, int]:
     if not ready:
         raise ServerError(f"the server at {client.url} has no READY {model!r} version")
     return model, max(ready)
-
-
-def settle(client: TritonClient, model: str, version: int | None, timeout_s: float) -> bool:
-    """True once Triton works on no version of `model` (or not on `version`, when given) any more."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        busy = [
-            v for v, state in version_states(client, model).items() if state in BUSY_STATES and version in (None, v)
-        ]
-        if not busy:
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
 
 
 def recover_topology(repository: str | Path, client: TritonClient, timeout_s: float) -> list[str]:
@@ -248,14 +227,15 @@ def _recover_gated_step(repo: Path, client: TritonClient, mode: Mode, timeout_s:
         for p in remove_temp_folders(repo, model=GATED_STEP_MODEL)
     ]
     states = version_states(client, GATED_STEP_MODEL)
-    stray = sorted(v for v, state in states.items() if v != pinned and state in ("READY", *BUSY_STATES))
+    stray = sorted(v for v, state in states.items() if v != pinned and state in LIVE_STATES)
     if mode == GATED and stray:
         client.load_model(GATED_STEP_MODEL)
         notes.append(f"the server had {GATED_STEP_MODEL} {stray} loaded; reloaded the confirmed version {pinned}")
-    if not settle(client, GATED_STEP_MODEL, None, timeout_s):
+    newer = [v for v in list_forget_step_versions(repo, model=GATED_STEP_MODEL) if v > pinned]
+    # only folders that will move must be let go of (an older version unloading after a switch is not waited for)
+    if not all(settle(client, GATED_STEP_MODEL, v, timeout_s) for v in newer):
         return [*notes, f"{GATED_STEP_MODEL} is still loading; its unconfirmed folders stay until the next switch"]
-    for version in list_forget_step_versions(repo, model=GATED_STEP_MODEL):
-        if version > pinned:
-            target = set_aside_version(repo, version, model=GATED_STEP_MODEL)
-            notes.append(f"set aside unconfirmed {GATED_STEP_MODEL} version {version} as {target.name}")
+    for version in newer:
+        target = set_aside_version(repo, version, model=GATED_STEP_MODEL)
+        notes.append(f"set aside unconfirmed {GATED_STEP_MODEL} version {version} as {target.name}")
     return notes
