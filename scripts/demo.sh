@@ -39,8 +39,8 @@ fv infer --url "http://127.0.0.1:$PUBLIC_PORT" --repository "$REPO" --data fashi
 echo "the bare classifier through the gateway (refused: only the public models are routed):"
 fv infer --url "http://127.0.0.1:$PUBLIC_PORT" --model classifier --data fashion-mnist --count 16 || true
 
-step "8. Learn a second vector, for 'Trouser' (quick: at most one epoch, no evaluation)"
-fv learn --classifier "$OUT/classifier.safetensors" --forget-class Trouser --max-epochs 1 --no-eval \
+step "8. Learn a second vector, for 'Trouser' (the fast preset, no evaluation)"
+fv learn --classifier "$OUT/classifier.safetensors" --forget-class Trouser --no-eval \
   --out "$OUT/trouser.safetensors"
 
 step "9. Switch the running server to the Trouser vector (validated first; the classifier stays loaded)"
