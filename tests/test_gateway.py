@@ -34,37 +34,21 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.http as triton_http
+from gateway_testing import live, requires_nginx
 from google.protobuf import text_format
-from triton_testing import classifier_onnx, forget_step_onnx, fused_onnx, random_delta, requires_triton, run_onnx
+from triton_testing import classifier_onnx, forget_step_onnx, fused_onnx, random_delta, run_onnx
 from tritonclient.grpc import model_config_pb2 as mc
 
 from fv_serving.errors import InvalidInputError, ServerError
 from fv_serving.gateway import Gateway, GatewayConfig, PublicModel, find_nginx, render_nginx_conf
 from fv_serving.gateway.config import JSON_BYTES_PER_VALUE
 from fv_serving.gateway.process import group_members
+from fv_serving.net import free_port
 from fv_serving.triton.server import TritonServer
 
 DELTA = random_delta(3)
 MAX_BATCH = 64
 INFER = "/v2/models/unlearned/infer"
-
-
-def _nginx_available() -> bool:
-    try:
-        find_nginx()
-    except ServerError:
-        return False
-    return True
-
-
-requires_nginx = pytest.mark.skipif(not _nginx_available(), reason="no nginx with the Lua module and lua-cjson")
-
-
-def live(test: Callable[..., Any]) -> Callable[..., Any]:
-    """Marks of a test that runs real Triton and nginx processes."""
-    for mark in (pytest.mark.triton, pytest.mark.gateway, requires_triton, requires_nginx):
-        test = mark(test)
-    return test
 
 
 # -- a tiny repository written by hand (independent of the repository builder) ----------------------
@@ -121,12 +105,6 @@ def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 1, 28, 28), dtype=np.float32)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 # -- fixtures ------------------------------------------------------------------------------------------
 
 
@@ -151,7 +129,7 @@ def public_model(repository: Path) -> PublicModel:
 def gateway_config(run_dir: Path, triton: TritonServer, model: PublicModel, **changes: Any) -> GatewayConfig:
     config = GatewayConfig(
         host="127.0.0.1",
-        port=free_port(),
+        port=free_port("127.0.0.1"),
         upstreams=(f"127.0.0.1:{triton.state.http_port}",),
         models=(model,),
         run_dir=str(run_dir),
@@ -935,7 +913,7 @@ def test_hundreds_of_hostile_requests_are_refused_cleanly(
     assert len(categories) >= 17 and min(categories.values()) >= 2, categories
 
     # 1. by the gateway alone: no Triton behind it, so a request that got through would answer 502
-    alone = gateway_config(tmp_path / "alone", triton, public_model, upstreams=(f"127.0.0.1:{free_port()}",))
+    alone = gateway_config(tmp_path / "alone", triton, public_model, upstreams=(f"127.0.0.1:{free_port('127.0.0.1')}",))
     with Gateway(alone) as lonely:
         wrong = unexpected_answers(lonely, cases)
     assert not wrong, f"{len(wrong)} of {len(cases)} hostile requests were not refused:\n" + "\n".join(wrong[:20])
@@ -1001,7 +979,7 @@ def test_requests_survive_dead_and_dying_replicas(
     tmp_path: Path, triton: TritonServer, public_model: PublicModel
 ) -> None:
     with dying_replica() as (dying, accepted):
-        dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+        dead = f"127.0.0.1:{free_port('127.0.0.1')}"  # nothing listens there
         upstreams = (dead, dying, f"127.0.0.1:{triton.state.http_port}")
         config = gateway_config(tmp_path / "gw", triton, public_model, upstreams=upstreams)
         with Gateway(config) as gateway:

@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import secrets
-import shutil
 import signal
 import statistics
 import subprocess
@@ -35,10 +34,11 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.http as triton_http
+from gateway_testing import live, requires_nginx
 from onnx import TensorProto, helper, numpy_helper
 
 from fv_serving.errors import InvalidInputError, ServerError
-from fv_serving.gateway import Gateway, GatewayConfig, PublicModel, find_nginx, render_nginx_conf, routes, set_route
+from fv_serving.gateway import Gateway, GatewayConfig, PublicModel, render_nginx_conf, routes, set_route
 from fv_serving.gateway.routes import check_key
 from fv_serving.net import free_port, wait_for_port
 from fv_serving.procfs import children, group_members
@@ -55,36 +55,6 @@ DELTAS = {
     BLUE: (np.random.default_rng(1).normal(size=(1, 28, 28)) * 0.2).astype(np.float32),
     GREEN: (np.random.default_rng(2).normal(size=(1, 28, 28)) * 0.2).astype(np.float32),
 }
-
-
-def _nginx_available() -> bool:
-    try:
-        find_nginx()
-    except ServerError:
-        return False
-    return True
-
-
-def _triton_available() -> bool:
-    import importlib.util
-
-    return bool(
-        shutil.which("tritonserver")
-        or os.access("/opt/tritonserver/bin/tritonserver", os.X_OK)
-        or importlib.util.find_spec("pytriton")
-    )
-
-
-def live(test: Callable[..., Any]) -> Callable[..., Any]:
-    """Marks of a test that runs real Triton and nginx processes."""
-    for mark in (
-        pytest.mark.triton,
-        pytest.mark.gateway,
-        pytest.mark.skipif(not _triton_available(), reason="no tritonserver and no nvidia-pytriton"),
-        pytest.mark.skipif(not _nginx_available(), reason="no nginx with the Lua module and lua-cjson"),
-    ):
-        test = mark(test)
-    return test
 
 
 # -- the tiny repository ------------------------------------------------------------------------------
@@ -519,7 +489,7 @@ def test_the_admin_listener_is_rendered_apart_from_the_public_one() -> None:
 
 
 @pytest.mark.gateway
-@pytest.mark.skipif(not _nginx_available(), reason="no nginx with the Lua module and lua-cjson")
+@requires_nginx
 def test_nginx_accepts_the_admin_listener_conf(tmp_path: Path) -> None:
     config = _pure_config(run_dir=str(tmp_path / "run"), admin_host="::1", admin_passthrough=True)
     Gateway(config, admin_key=KEY).validate()
