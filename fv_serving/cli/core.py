@@ -35,16 +35,23 @@ from fv_serving.config import (
 )
 
 
+def _forget_given(args: argparse.Namespace) -> bool:
+    """Whether a forget target was given; a one-line error for none (where one is required) or both."""
+    if args.forget_class is None and args.forget_percent is None:
+        if args._forget_required:
+            raise InvalidInputError("say what to forget: --forget-class C or --forget-percent P")
+        return False
+    if args.forget_class is not None and args.forget_percent is not None:
+        raise InvalidInputError("give --forget-class or --forget-percent, not both")
+    return True
+
+
 def _forget_spec(args: argparse.Namespace, ws: object) -> ForgetSpec | None:
     from fv_serving.pipeline import Workspace, parse_forget_spec
 
     assert isinstance(ws, Workspace)
-    if args.forget_class is None and args.forget_percent is None:
-        if args._forget_required:
-            raise InvalidInputError("say what to forget: --forget-class C or --forget-percent P")
+    if not _forget_given(args):
         return None
-    if args.forget_class is not None and args.forget_percent is not None:
-        raise InvalidInputError("give --forget-class or --forget-percent, not both")
     return parse_forget_spec(ws.data, args.forget_class, args.forget_percent, args.forget_seed)
 
 
@@ -86,8 +93,7 @@ def _learn_for_onnx(args: argparse.Namespace) -> tuple[ForgetVector, ForgetSpec,
 
     if args.nproc > 1:
         raise InvalidInputError("--onnx learns in one process (--nproc is for --classifier checkpoints)")
-    if (args.forget_class is None) == (args.forget_percent is None):
-        raise InvalidInputError("say what to forget: --forget-class C or --forget-percent P (one of the two)")
+    _forget_given(args)  # `fv learn` requires one: this returns True or raises
     forget = args.forget_class or ForgetSpec(percent=args.forget_percent, seed=args.forget_seed)
     vector, metrics = learn_vector_for_onnx(
         args.onnx,
