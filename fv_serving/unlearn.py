@@ -44,7 +44,7 @@ from fv_serving.data import Dataset, ForgetSplit, ImageSet, default_augmentation
 from fv_serving.distributed import SINGLE, Dist
 from fv_serving.errors import InvalidInputError
 from fv_serving.metrics import predict
-from fv_serving.models import PerturbedClassifier
+from fv_serving.models import PerturbedClassifier, fold_batchnorm
 from fv_serving.perturbation import apply_delta
 from fv_serving.sampling import BatchPlan
 from fv_serving.stopping import goal_for
@@ -111,6 +111,21 @@ class BankCombination(nn.Module):
         return self.weights.norm()
 
 
+@dataclass(frozen=True)
+class Counts:
+    """Correct predictions out of a number of images."""
+
+    correct: float
+    total: float
+
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.correct + other.correct, self.total + other.total)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.correct / self.total if self.total else 0.0
+
+
 @dataclass
 class Check:
     """One evaluation of the stopping rule."""
@@ -150,12 +165,16 @@ class LearnResult:
         }
 
 
-def sharded_accuracy(model: nn.Module, images: ImageSet, indices: torch.Tensor, dist: Dist, device: str) -> float:
-    """Accuracy in percent on `indices`, each rank predicting its shard; the same number on every rank."""
+def sharded_counts(model: nn.Module, images: ImageSet, indices: torch.Tensor, dist: Dist, device: str) -> Counts:
+    """Correct predictions and images on `indices`, each rank predicting its shard; the same sums on every rank.
+
+    Counts, not percentages, so that the parts of a hold-out add up to the whole without
+    predicting any image twice.
+    """
     mine = predict(model, images, dist.shard(indices), device=device)
     counts = torch.tensor([float(np.sum(mine.labels == mine.targets)), float(len(mine.targets))], dtype=torch.float64)
     correct, total = dist.all_reduce_sum(counts).tolist()
-    return 100.0 * (correct / total) if total else 0.0
+    return Counts(correct, total)
 
 
 def make_optimizer(perturbation: nn.Module, config: VectorConfig) -> torch.optim.Optimizer:
@@ -198,22 +217,25 @@ def learn_perturbation(
     rule = config.rule(goal)
     torch.manual_seed(config.seed)
     classifier.eval()
+    learner = fold_batchnorm(classifier)
     perturbation.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     is_forget = torch.zeros(len(data.train), dtype=torch.bool)
     is_forget[split.forget] = True
     monitor = split.forget[torch.randperm(len(split.forget), generator=generator)[: config.monitor_size]]
 
-    def accuracy(model: nn.Module, indices: torch.Tensor) -> float:
-        return sharded_accuracy(model, data.train, indices, dist, device)
+    def counts(model: nn.Module, indices: torch.Tensor) -> Counts:
+        return sharded_counts(model, data.train, indices, dist, device)
 
+    # The rule's hold-out in parts, each with the unperturbed model's counts: a fixed subset
+    # checked every time, then (only when the rule holds there) the rest, which completes
+    # the whole hold-out. Every image is predicted once per check.
+    holdout_parts = [split.val]
+    if config.holdout_size is not None and config.holdout_size < len(split.val):
+        order = split.val[torch.randperm(len(split.val), generator=generator)]
+        holdout_parts = [order[: config.holdout_size], order[config.holdout_size :]]
     with torch.no_grad():
-        # The rule's hold-out sets with the unperturbed model's accuracy on each: a fixed
-        # subset checked every time, then (only when the rule holds there) the whole hold-out.
-        holdouts = [(split.val, accuracy(classifier, split.val))]
-        if config.holdout_size is not None and config.holdout_size < len(split.val):
-            subset = split.val[torch.randperm(len(split.val), generator=generator)[: config.holdout_size]]
-            holdouts.insert(0, (subset, accuracy(classifier, subset)))
+        originals = [counts(learner, part) for part in holdout_parts]
     optimizer = make_optimizer(perturbation, config)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
     augmentation = default_augmentation(data) if config.augment else None
@@ -227,18 +249,21 @@ def learn_perturbation(
         """Measure the rule on the current perturbation; keep it if it is the best so far."""
         nonlocal best
         with torch.no_grad():
-            g = PerturbedClassifier(classifier, perturbation(), config.clamp)
-            forget_acc = accuracy(g, monitor)
-            for indices, original in holdouts:
-                holdout_acc = accuracy(g, indices)
-                distance = rule.distance(forget_acc, holdout_acc, original)
+            g = PerturbedClassifier(learner, perturbation(), config.clamp)
+            forget_acc = counts(g, monitor).percent
+            seen, seen_original = Counts(0, 0), Counts(0, 0)
+            for part, original in zip(holdout_parts, originals, strict=True):
+                seen, seen_original = seen + counts(g, part), seen_original + original
+                distance = rule.distance(forget_acc, seen.percent, seen_original.percent)
                 if distance > 0:
                     break
-        checks.append(Check(round(epoch, 3), forget_acc, holdout_acc, original, len(indices), distance == 0, distance))
+        met = distance == 0
+        holdout = (seen.percent, seen_original.percent, int(seen.total))
+        checks.append(Check(round(epoch, 3), forget_acc, *holdout, met, distance))
         if best is None or not config.stopping or distance <= best[0].distance:
             # Parameters only: a BankCombination's bank is a frozen buffer and never changes.
             best = (checks[-1], {n: p.detach().clone() for n, p in perturbation.named_parameters()})
-        return distance == 0
+        return met
 
     # The starting point is a candidate too: no perturbation for a new vector (nothing may
     # beat doing nothing, e.g. for random subsets), the zero-shot weights for a combination.
@@ -250,7 +275,7 @@ def learn_perturbation(
             break
         for step, (x, y, idx) in enumerate(batches.epoch(), start=1):
             part = dist.batch_slice(len(y))  # this rank's share of the global batch (all of it alone)
-            logits = classifier(apply_delta(x[part], perturbation(), config.clamp))
+            logits = learner(apply_delta(x[part], perturbation(), config.clamp))
             loss = data_term(logits, y[part], is_forget[idx[part]].to(device), batch_size=len(y))
             if dist.is_main:  # the regulariser counts once, however many ranks share the batch
                 loss = loss + config.lam * perturbation.regulariser(len(y))
@@ -280,7 +305,7 @@ def learn_perturbation(
         weights=weights,
         checks=checks,
         chosen=chosen,
-        holdout_acc_original=holdouts[-1][1],
+        holdout_acc_original=sum(originals, Counts(0, 0)).percent,
         seconds=time.perf_counter() - start,
         epochs_run=checks[-1].epoch,
         steps_run=steps_run,

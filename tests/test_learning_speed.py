@@ -9,8 +9,10 @@ import torch
 from conftest import FORGET_CLASS
 
 from fv_serving.config import VectorConfig
-from fv_serving.data import ForgetSpec
+from fv_serving.data import ForgetSpec, iterate_batches
 from fv_serving.errors import InvalidInputError
+from fv_serving.metrics import predict
+from fv_serving.models import PerturbedClassifier, fold_batchnorm
 from fv_serving.pipeline import Workspace
 from fv_serving.sampling import BatchPlan
 from fv_serving.unlearn import learn_forget_vector
@@ -65,6 +67,29 @@ def test_subset_checks_are_confirmed_on_the_whole_holdout(tiny_workspace: Worksp
     assert result.chosen is result.checks[-1]
     assert all(c.holdout_images == 200 for c in result.checks if not c.rule_met)
     assert result.holdout_acc_original == result.chosen.holdout_original
+    # The subset and the rest add up to the whole hold-out: the confirmed accuracy is the
+    # vector's accuracy on all of it (within one image: learning runs on the folded model).
+    g = PerturbedClassifier(tiny_workspace.model, torch.from_numpy(result.delta))
+    whole = predict(g, tiny_workspace.data.train, split.val).accuracy
+    assert abs(result.chosen.holdout_acc - whole) <= 100 / len(split.val)
+
+
+def test_learning_runs_on_the_classifier_with_batchnorm_folded(tiny_workspace: Workspace) -> None:
+    model = tiny_workspace.model
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the classifier is untouched
+    assert not any(p.requires_grad for p in folded.parameters()) and not folded.training
+    x, _, _ = next(iterate_batches(tiny_workspace.data.train, torch.arange(64), 64))
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-4)
+
+    class Branching(torch.nn.Module):  # control flow on a tensor: torch.fx cannot trace it
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x if x.sum() > 0 else -x
+
+    untraceable = Branching()
+    assert fold_batchnorm(untraceable) is untraceable
 
 
 def test_fast_preset_meets_the_rule_on_far_fewer_samples(tiny_workspace: Workspace) -> None:
