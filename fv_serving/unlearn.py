@@ -13,10 +13,12 @@ Adam (default) or the authors' SGD with momentum, an exponential learning-rate d
 per epoch, over batches from `fv_serving.sampling` (passes over D_f + D_r, or draws).
 
 A few times per epoch the stopping rule (`fv_serving.stopping`) is checked on a fixed
-subset of D_f and on the validation hold-out (or a fixed subset of it, confirmed on the
-whole hold-out before the run stops); the best check so far is the only state kept
+subset of D_f and on the validation hold-out (or a fixed subset of it, completed by the
+rest of the hold-out before the run stops); the best check so far is the only state kept
 (memory does not grow with the number of checks). If no check meets the rule, the
-closest one is returned and the result says so.
+closest one is returned and the result says so. Steps and checks run on a copy of the
+classifier with its BatchNorm layers folded (`models.fold_batchnorm`): the same
+function, cheaper to run.
 
 The same loop runs data-parallel under torch.distributed (`fv_serving.distributed`):
 every rank draws the same global batch, computes its slice's share of the loss (sums
