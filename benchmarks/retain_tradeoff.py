@@ -1,0 +1,216 @@
+"""Why a cheap forget vector misses "RA within 1 point": what learning does to D_r, step by step.
+
+The learning-speed benchmark's stopping rule holds the validation hold-out's drop to
+1 point, yet RA (accuracy on D_r, the training images) drops 0.4-1.0 points more. This
+script follows single runs of the fast preset's optimisation for a fixed number of
+steps and measures, every --every steps, the forget accuracy (1,000 D_f images), the
+drop of D_r accuracy (5,000 D_r images) and of the whole hold-out, for a few variants
+of the objective or the batches:
+
+  fast preset            the library's loss and Adam settings (`VectorConfig()`);
+  alpha 3                three times the retain term's weight;
+  at-risk quarter        a quarter of each batch from D_r images the classifier gets right
+                         by the lowest fifth of margins (in a pool of 10,000 D_r images):
+                         the images a perturbation flips first.
+
+Classes default to the tuning classes (Trouser, Dress, Ankle boot), never the reported
+ones; the test set is not used.
+
+    python benchmarks/retain_tradeoff.py          # ~10 min on 2 CPU cores
+Writes benchmarks/results/retain_tradeoff/{retain_tradeoff.json, retain_tradeoff.md, retain_tradeoff.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fv_serving.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from fv_serving.bench.machine import load_average, machine_info
+from fv_serving.config import VectorConfig
+from fv_serving.data import ForgetSpec, ForgetSplit, iterate_batches
+from fv_serving.metrics import predict
+from fv_serving.models import PerturbedClassifier, fold_batchnorm
+from fv_serving.pipeline import Workspace, open_workspace
+from fv_serving.unlearn import DirectDelta, forget_vector_loss, make_optimizer
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "fast preset": {},
+    "alpha 3": {"alpha": 3.0},
+    "at-risk quarter": {"at_risk_share": 0.25},
+}
+POOL, RISK_QUANTILE = 10_000, 0.2
+
+
+def at_risk(model: torch.nn.Module, ws: Workspace, split: ForgetSplit, generator: torch.Generator) -> torch.Tensor:
+    """D_r images of a random pool classified right by the lowest RISK_QUANTILE of logit margins."""
+    pool = split.retain[torch.randperm(len(split.retain), generator=generator)[:POOL]]
+    margins = []
+    with torch.no_grad():
+        for x, y, _ in iterate_batches(ws.data.train, pool, 1000):
+            logits = model(x)
+            others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
+            margins.append(logits.gather(1, y.view(-1, 1)).squeeze(1) - others)
+    margin = torch.cat(margins)
+    right = margin > 0
+    return pool[right & (margin <= margin[right].quantile(RISK_QUANTILE))]
+
+
+def trace(ws: Workspace, c: int, name: str, steps: int, every: int) -> list[dict[str, float]]:
+    """One run of `steps` Adam steps; the three accuracies every `every` steps."""
+    variant = dict(VARIANTS[name])
+    share = variant.pop("at_risk_share", 0.0)
+    config = replace(VectorConfig(), **variant)
+    split = ws.forget_split(ForgetSpec(classes=(c,)))
+    model = fold_batchnorm(ws.model)
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    train_probe = split.retain[torch.randperm(len(split.retain), generator=generator)[:5000]]
+    forget_probe = split.forget[torch.randperm(len(split.forget), generator=generator)[:1000]]
+    risky = at_risk(model, ws, split, generator) if share else None
+    union = torch.cat([split.forget, split.retain])
+    is_forget = torch.zeros(len(ws.data.train), dtype=torch.bool)
+    is_forget[split.forget] = True
+    originals = [predict(model, ws.data.train, s).accuracy for s in (train_probe, split.val)]
+    delta = DirectDelta(ws.data.input_shape)
+    optimizer = make_optimizer(delta, config)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
+    n_risky = round(config.batch_size * share)
+    rows = []
+    for step in range(1, steps + 1):
+        idx = union[torch.randint(len(union), (config.batch_size - n_risky,), generator=generator)]
+        if risky is not None:
+            idx = torch.cat([risky[torch.randint(len(risky), (n_risky,), generator=generator)], idx])
+        x, y, _ = next(iterate_batches(ws.data.train, idx, len(idx)))
+        loss = forget_vector_loss(model(x + delta()), y, is_forget[idx], config)
+        loss = loss + config.lam * delta.regulariser(len(y))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % config.steps_per_epoch == 0:  # type: ignore[operator]
+            scheduler.step()
+        if step % every == 0:
+            g = PerturbedClassifier(model, delta().detach())
+            train_acc, holdout_acc = (predict(g, ws.data.train, s).accuracy for s in (train_probe, split.val))
+            rows.append(
+                {
+                    "step": step,
+                    "forget_acc": round(predict(g, ws.data.train, forget_probe).accuracy, 2),
+                    "train_drop": round(originals[0] - train_acc, 2),
+                    "holdout_drop": round(originals[1] - holdout_acc, 2),
+                }
+            )
+    return rows
+
+
+def summary(rows: list[dict[str, float]]) -> dict[str, Any]:
+    """The first step where the rule's own test would pass (forget <= 0.5%, hold-out drop <= 1), and D_r there."""
+    passing = [r for r in rows if r["forget_acc"] <= 0.5 and r["holdout_drop"] <= 1.0]
+    first = passing[0] if passing else None
+    return {
+        "first_pass_step": first["step"] if first else None,
+        "train_drop_there": first["train_drop"] if first else None,
+        "holdout_drop_there": first["holdout_drop"] if first else None,
+        "best_train_drop_forgotten": min((r["train_drop"] for r in rows if r["forget_acc"] <= 0.5), default=None),
+        "last": rows[-1],
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    classes = list(result["traces"])
+    fig, axes = plt.subplots(1, len(classes), figsize=(4.2 * len(classes), 3.4), squeeze=False)
+    for ax, cls in zip(axes[0], classes, strict=True):
+        for (name, rows), colour in zip(result["traces"][cls].items(), ("C0", "C1", "C2"), strict=False):
+            steps = [r["step"] for r in rows]
+            ax.plot(steps, [r["train_drop"] for r in rows], color=colour, label=f"{name}: D_r")
+            ax.plot(steps, [r["holdout_drop"] for r in rows], color=colour, linestyle="--", label=f"{name}: hold-out")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_ylim(-1, 6)
+        ax.set_title(f"forgetting {cls}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("accuracy drop (points)")
+    axes[0][0].legend(fontsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
+    lines = [
+        f"# D_r against the hold-out during learning ({result['date']})",
+        "",
+        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs), load average at start {m['load_average_at_start']}.",
+        f"Command: `{result['command']}`. Wall time {result['seconds']:.0f} s. Classifier `{result['classifier']}`.",
+        "",
+        "Per run: the first step where forget accuracy <= 0.5% and the hold-out drop <= 1 point (the stopping "
+        "rule's test, here on 1,000 D_f images and the whole hold-out), the D_r drop there, the smallest D_r "
+        "drop once forgotten, and the last measurement.",
+        "",
+        "| class | variant | first pass (step) | D_r drop there | hold-out drop there | best D_r drop | "
+        "last: forget % / D_r / hold-out |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cls, per_variant in result["summary"].items():
+        for name, s in per_variant.items():
+            last = s["last"]
+            lines.append(
+                f"| {cls} | {name} | {s['first_pass_step']} | {s['train_drop_there']} | {s['holdout_drop_there']} | "
+                f"{s['best_train_drop_forgotten']} | {last['forget_acc']} / {last['train_drop']} / "
+                f"{last['holdout_drop']} |"
+            )
+    lines += ["", "Trajectories: retain_tradeoff.png (solid: D_r drop, dashed: hold-out drop)."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classifier", default="runs/learning_speed/classifier.safetensors",
+                        help="made by benchmarks/learning_speed.py (or any `fv train` checkpoint)")  # fmt: skip
+    parser.add_argument("--classes", nargs="+", type=int, default=[1, 3, 9])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--every", type=int, default=10)
+    parser.add_argument("--out-dir", default="benchmarks/results/retain_tradeoff")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    ws = open_workspace(args.classifier)
+    result: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {**machine_info(), "load_average_at_start": load_average()},
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "classifier": args.classifier,
+        "traces": {},
+        "summary": {},
+    }
+    for c in tqdm(args.classes, desc="classes"):
+        name = ws.data.class_names[c]
+        result["traces"][name] = {v: trace(ws, c, v, args.steps, args.every) for v in VARIANTS}
+        result["summary"][name] = {v: summary(rows) for v, rows in result["traces"][name].items()}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "retain_tradeoff.json", result)
+    plot(result, out / "retain_tradeoff.png")
+    text = markdown(result)
+    write_bytes_atomic(out / "retain_tradeoff.md", text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
