@@ -816,3 +816,16 @@ def test_stop_cleans_up_a_server_whose_supervisor_was_killed(small_repo: Path, t
     assert not (run_dir / STATE_FILENAME).exists()
     with pytest.raises(ServerError, match="no server state"):
         read_run_state(run_dir)
+
+
+def test_automatic_ports_are_distinct_and_never_a_port_promised_to_the_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The OS race cannot be caused on demand: hand out the promised port (the gateway's
+    # public port, not bound yet) and a duplicate, as free_port once did in `make demo`.
+    from fv_serving.triton import server as server_module
+
+    handed = iter([5000, 5001, 5002, 5003, 5004, 5005, 6001, 6001, 6002, 6003])
+    monkeypatch.setattr(server_module, "free_port", lambda host: next(handed))
+    assert server_module._pick_ports((None, None, None), "127.0.0.1", frozenset({5000})) == (5003, 5004, 5005)
+    assert server_module._pick_ports((8000, None, None), "127.0.0.1", frozenset()) == (8000, 6002, 6003)
+    with pytest.raises(ServerError, match="ports must differ"):
+        server_module._pick_ports((8000, 8000, None), "127.0.0.1", frozenset())

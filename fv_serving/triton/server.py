@@ -103,7 +103,9 @@ class TritonServer:
         with TritonServer(repo, load_models=["unlearned"]) as server:
             client = TritonClient(server.http_url)
 
-    Ports are picked automatically unless given. `load_models=None` loads every model
+    Ports are picked automatically unless given, never among `avoid_ports` (ports the
+    caller has promised to something else that is not listening yet, such as the
+    gateway's public port: Triton's metrics port once took the demo's). `load_models=None` loads every model
     folder of the repository. The log goes to `<run_dir>/server.log`; a run folder
     created here is deleted again on a clean stop. Model control is locked behind
     `admin_key`: a fresh random key by default (`server.admin_key`, and
@@ -127,6 +129,7 @@ class TritonServer:
         executable: str | os.PathLike[str] | None = None,
         extra_args: Sequence[str] = (),
         admin_key: str | None = AUTO_KEY,
+        avoid_ports: frozenset[int] = frozenset(),
     ) -> None:
         remote = str(repository).startswith("s3://")
         self.repository = str(repository) if remote else str(Path(repository).absolute())
@@ -139,6 +142,7 @@ class TritonServer:
             raise ServerError(f"model repository {self.repository} has no model folder with {CONFIG_FILENAME}")
         self.host = host
         self._requested_ports = (http_port, grpc_port, metrics_port)
+        self._avoid_ports = avoid_ports
         self._given_run_dir = Path(run_dir).absolute() if run_dir is not None else None
         self.ready_timeout_s = ready_timeout_s
         self.grace_s = grace_s
@@ -254,7 +258,7 @@ class TritonServer:
 
     def _launch_and_wait(self, install: TritonInstall) -> None:
         assert self._run_dir is not None
-        ports = _pick_ports(self._requested_ports, self.host)
+        ports = _pick_ports(self._requested_ports, self.host, self._avoid_ports)
         log_path = self._run_dir / LOG_FILENAME
         flags = ServerFlags(
             repository=str(self.repository),
@@ -351,9 +355,17 @@ def _model_folders(repository: Path) -> tuple[str, ...]:
     return tuple(sorted(p.name for p in repository.iterdir() if (p / CONFIG_FILENAME).is_file()))
 
 
-def _pick_ports(requested: tuple[int | None, ...], host: str) -> tuple[int, int, int]:
-    """The requested ports, free ones from the OS for the others."""
+def _pick_ports(requested: tuple[int | None, ...], host: str, avoid: frozenset[int]) -> tuple[int, int, int]:
+    """The requested ports, free ones from the OS for the others: distinct, and none of `avoid`."""
+
+    def clash(ports: list[int]) -> bool:
+        picked = [p for p, r in zip(ports, requested, strict=True) if r is None]
+        return len(set(ports)) < len(ports) or bool(avoid.intersection(picked))
+
+    given = [p for p in requested if p is not None]
+    if len(set(given)) < len(given):
+        raise ServerError(f"the http, grpc and metrics ports must differ, got {requested}")
     ports = [p if p is not None else free_port(host) for p in requested]
-    while len(set(ports)) < len(ports):  # the OS handed out a duplicate: ask again
+    while clash(ports):  # the OS handed out a duplicate or a promised port: ask again
         ports = [p if r is not None else free_port(host) for p, r in zip(ports, requested, strict=True)]
     return ports[0], ports[1], ports[2]

@@ -264,6 +264,7 @@ class Supervisor:
             ready_timeout_s=self.options.ready_timeout_s,
             use_gpu=self.options.use_gpu,
             admin_key=self.key,
+            avoid_ports=frozenset({self.options.public[1]}) if self.options.public is not None else frozenset(),
         )
         server.start()
         state = server.state
