@@ -31,22 +31,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fv_serving.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.bench.machine import load_average, machine_info
 from fv_serving.config import VectorConfig
 from fv_serving.data import ForgetSpec, ForgetSplit, iterate_batches
 from fv_serving.metrics import predict
 from fv_serving.models import PerturbedClassifier, fold_batchnorm
 from fv_serving.pipeline import Workspace, open_workspace
-from fv_serving.unlearn import DirectDelta, forget_vector_loss, make_optimizer
+from fv_serving.plots import save_figure
+from fv_serving.unlearn import DirectDelta, forget_vector_loss, logit_margin, make_optimizer
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "fast preset": {},
@@ -59,13 +56,8 @@ POOL, RISK_QUANTILE = 10_000, 0.2
 def at_risk(model: torch.nn.Module, ws: Workspace, split: ForgetSplit, generator: torch.Generator) -> torch.Tensor:
     """D_r images of a random pool classified right by the lowest RISK_QUANTILE of logit margins."""
     pool = split.retain[torch.randperm(len(split.retain), generator=generator)[:POOL]]
-    margins = []
     with torch.no_grad():
-        for x, y, _ in iterate_batches(ws.data.train, pool, 1000):
-            logits = model(x)
-            others = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(dim=1)
-            margins.append(logits.gather(1, y.view(-1, 1)).squeeze(1) - others)
-    margin = torch.cat(margins)
+        margin = torch.cat([logit_margin(model(x), y) for x, y, _ in iterate_batches(ws.data.train, pool, 1000)])
     right = margin > 0
     return pool[right & (margin <= margin[right].quantile(RISK_QUANTILE))]
 
@@ -144,9 +136,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("accuracy drop (points)")
     axes[0][0].legend(fontsize=7)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -150,10 +150,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     """A frozen copy of `model` with every BatchNorm folded into the convolution before it, for learning.
 
     Eval-mode BatchNorm is a per-channel affine map, so folding it changes logits only by
-    float rounding (2e-6 on the small CNN) while a learning step no longer pays for it:
-    0.088 s instead of 0.108 s per batch of 128 on one CPU thread (/tmp measurement,
-    2026-12-01). A model torch.fx cannot trace (Python control flow on tensors) is
-    returned as it is: folding is an optimisation, never a requirement.
+    float rounding (the tests hold it to 1e-4) while a learning step no longer pays for
+    it. A model torch.fx cannot trace (Python control flow on tensors) is returned as it
+    is: folding is an optimisation, never a requirement.
     """
     from torch.fx.experimental.optimization import fuse
     from torch.fx.proxy import TraceError

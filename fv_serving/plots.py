@@ -14,7 +14,8 @@ import numpy as np
 from fv_serving.atomic import atomic_path
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Write `fig` as a PNG atomically and close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -34,7 +35,7 @@ def plot_vector(delta: np.ndarray, path: str | Path, title: str) -> Path:
     limit = float(np.abs(delta).max()) or 1.0
     fig, ax = plt.subplots(figsize=(3.6, 3.2))
     _show_vector(ax, delta, f"{title}\n||delta||_2 = {np.linalg.norm(delta):.2f}", limit)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bank(vectors: np.ndarray, names: Sequence[str], path: str | Path) -> Path:
@@ -47,7 +48,7 @@ def plot_bank(vectors: np.ndarray, names: Sequence[str], path: str | Path) -> Pa
         ax.axis("off")
     for ax, delta, name in zip(axes.flat, vectors, names, strict=False):
         _show_vector(ax, delta, name, limit)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_class(
@@ -75,4 +76,4 @@ def plot_per_class(
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)

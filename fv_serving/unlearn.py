@@ -60,6 +60,13 @@ class Objective(Protocol):
     ) -> torch.Tensor: ...
 
 
+def logit_margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The true class's logit minus the best other one, per sample: > 0 where the prediction is right."""
+    true_logit = logits.gather(1, labels.view(-1, 1)).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+    return true_logit - others.amax(dim=1)
+
+
 def forget_vector_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -72,9 +79,7 @@ def forget_vector_loss(
     `batch_size` is the global batch's size when `logits` are one rank's slice of it.
     """
     batch = logits.shape[0] if batch_size is None else batch_size
-    true_logit = logits.gather(1, labels.view(-1, 1)).squeeze(1)
-    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
-    margin = torch.clamp(true_logit - others.amax(dim=1), min=-config.tau)
+    margin = torch.clamp(logit_margin(logits, labels), min=-config.tau)
     ce = F.cross_entropy(logits, labels, reduction="none")
     forget_term = margin[is_forget].sum() / batch
     retain_term = ce[~is_forget].sum() / batch
@@ -260,8 +265,17 @@ def learn_perturbation(
                 if distance > 0:
                     break
         met = distance == 0
-        holdout = (seen.percent, seen_original.percent, int(seen.total))
-        checks.append(Check(round(epoch, 3), forget_acc, *holdout, met, distance))
+        checks.append(
+            Check(
+                epoch=round(epoch, 3),
+                forget_acc=forget_acc,
+                holdout_acc=seen.percent,
+                holdout_original=seen_original.percent,
+                holdout_images=int(seen.total),
+                rule_met=met,
+                distance=distance,
+            )
+        )
         if best is None or not config.stopping or distance <= best[0].distance:
             # Parameters only: a BankCombination's bank is a frozen buffer and never changes.
             best = (checks[-1], {n: p.detach().clone() for n, p in perturbation.named_parameters()})
