@@ -6,16 +6,15 @@ while D_r and the test set keep their accuracy. The authors' margin objective pu
 D_f towards misclassification and, in the unlearning benchmark, its stopping rule
 returns the zero vector (Avg. Gap = doing nothing). Tried here instead:
 
-  confidence / loss matching   alpha * CE(D_r) / B + beta * W1(s(D_f), s(H_A))
-      s = the true-class softmax confidence ("confidence", the feature the membership
-      attack reads) or the cross-entropy ("loss"), of the perturbed model, on the
-      batch's forget samples and on as many samples of a reference half H_A of the
-      validation hold-out (detached: it is the target, not moved); W1 = the mean
-      absolute difference of the sorted values (1-D Wasserstein distance);
+  confidence / loss matching (`fv_serving.matching`): alpha * CE(D_r) / B
+      + beta * W1(s(D_f), s(H_A)), s the true-class confidence or the cross-entropy of
+      the perturbed model, H_A a reference half of the validation hold-out;
   the authors' margin objective with a small beta, as a control.
 
-Settings (objective x beta x lr) are chosen per task, like the baselines' grids, on
-the OTHER half H_B of the hold-out only: the setting whose vector comes closest to the
+Every run is `unlearn.learn_forget_vector` with the unlearning benchmark's settings for
+random tasks (`BenchConfig.random_vector`), objective, beta and lr replaced. Settings
+are chosen per task, like the baselines' grids, on the OTHER half H_B of the hold-out
+only: the setting whose vector comes closest to the
 stopping rule "match" (|forget acc - H_B acc| <= tolerance, H_B accuracy at most the
 retain margin below the original's; `fv_serving.stopping`), which also stops each run.
 The test set is used only to report. The unlearning benchmark's own rows (original,
@@ -23,62 +22,40 @@ Retrain, FT, GA, RL, l1-sparse, SalUn, forget vector) are recomputed in the same
 with its code (`fv_serving.bench.runner`), from the same original weights.
 
     python benchmarks/random_forgetting.py            # ~20-30 min on 2 CPU cores
-Writes benchmarks/results/random_forgetting/{random_forgetting.json, random_forgetting.md}.
+Writes benchmarks/results/random_forgetting/results.{json,md}. The setting it chooses on
+both tasks (confidence, beta 3, lr 0.01) is the match preset (`VectorConfig.match`),
+`fv learn`'s default for random subsets; the unlearning benchmark's own forget-vector
+row for random tasks is that preset, so it equals the sweep's row of the same setting.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import shlex
 import sys
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 from tqdm.auto import tqdm
 
-from fv_serving.atomic import write_bytes_atomic, write_json_atomic
 from fv_serving.bench.config import BenchConfig
+from fv_serving.bench.machine import load_average
+from fv_serving.bench.record import provenance, write_report
 from fv_serving.bench.report import METHOD_ORDER, ORIGINAL, RETRAIN, ordered
-from fv_serving.bench.runner import (
-    _Context,
-    _resolve_split,
-    _run_task,
-    _task_split,
-    _train_original,
-    bench_tasks,
-    run_machine,
-)
+from fv_serving.bench.runner import BenchContext, bench_tasks, resolve_split, run_task, task_split, train_original
 from fv_serving.config import METRIC_NAMES, VectorConfig
-from fv_serving.data import Dataset, ForgetSplit, iterate_batches, load_dataset
+from fv_serving.data import load_dataset
+from fv_serving.matching import holdout_halves
 from fv_serving.metrics import UnlearningMetrics, evaluate_unlearning
 from fv_serving.models import Classifier, ModelSpec, PerturbedClassifier
-from fv_serving.perturbation import apply_delta
-from fv_serving.unlearn import DirectDelta, learn_perturbation
+from fv_serving.unlearn import learn_forget_vector
 
-OBJECTIVES = ("confidence", "loss", "margin")
 BETAS = {"confidence": (1.0, 3.0, 10.0), "loss": (0.3, 1.0, 3.0), "margin": (0.5, 1.0)}
 LRS = (0.003, 0.01)  # Adam, as the fast preset
-# The learning run of every setting: the fast preset with the unlearning benchmark's batch
-# size, a quarter of each batch from D_f (the forget set is 10% of the pool: a quarter
-# gives 16 forget scores per batch to compare), no flips (the original was trained
-# without augmentation), the whole hold-out half H_B at every check.
-BASE = VectorConfig(
-    batch_size=64,
-    steps_per_epoch=25,
-    max_epochs=8,
-    checks_per_epoch=5,
-    forget_fraction=0.25,
-    holdout_size=None,
-    augment=False,
-)
 
 
 @dataclass(frozen=True)
@@ -91,89 +68,33 @@ class Setting:
     def name(self) -> str:
         return f"{self.objective}, beta {self.beta:g}, lr {self.lr:g}"
 
+    def config(self, base: VectorConfig) -> VectorConfig:
+        return replace(base, objective=self.objective, beta=self.beta, lr=self.lr)
+
 
 def settings() -> list[Setting]:
-    return [Setting(o, b, lr) for o in OBJECTIVES for b, lr in itertools.product(BETAS[o], LRS)]
-
-
-class DistributionMatching:
-    """alpha * CE(retain) / B + beta * W1 between the batch's forget scores and as many reference scores."""
-
-    def __init__(
-        self,
-        score: str,
-        classifier: nn.Module,
-        delta: DirectDelta,
-        data: Dataset,
-        reference: torch.Tensor,
-        config: VectorConfig,
-    ) -> None:
-        self.score, self.classifier, self.delta, self.data = score, classifier, delta, data
-        self.reference, self.config = reference, config
-        self.generator = torch.Generator().manual_seed(config.seed + 1)
-
-    def _scores(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.score == "loss":
-            return F.cross_entropy(logits, labels, reduction="none")
-        return torch.softmax(logits, dim=1).gather(1, labels.view(-1, 1)).squeeze(1)
-
-    def __call__(
-        self, logits: torch.Tensor, labels: torch.Tensor, is_forget: torch.Tensor, *, batch_size: int
-    ) -> torch.Tensor:
-        retain = F.cross_entropy(logits[~is_forget], labels[~is_forget], reduction="sum") / batch_size
-        n = int(is_forget.sum())
-        drawn = self.reference[torch.randint(len(self.reference), (n,), generator=self.generator)]
-        x, y, _ = next(iterate_batches(self.data.train, drawn, n))
-        with torch.no_grad():  # the target distribution: unseen data under the current delta
-            target = self._scores(self.classifier(apply_delta(x, self.delta(), self.config.clamp)), y).sort().values
-        mine = self._scores(logits[is_forget], labels[is_forget]).sort().values
-        return self.config.alpha * retain + self.config.beta * (mine - target).abs().mean()
-
-
-def halves(split: ForgetSplit, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The hold-out cut in two: H_A for the objective, H_B for stopping and choices."""
-    order = torch.randperm(len(split.val), generator=torch.Generator().manual_seed(seed))
-    half = len(split.val) // 2
-    return split.val[order[:half]].sort().values, split.val[order[half:]].sort().values
-
-
-def learn_setting(
-    original: nn.Module, data: Dataset, split: ForgetSplit, setting: Setting, reference: torch.Tensor
-) -> tuple[np.ndarray, dict[str, Any]]:
-    config = replace(BASE, beta=setting.beta, lr=setting.lr)
-    delta = DirectDelta(data.input_shape)
-    objective = (
-        None
-        if setting.objective == "margin"
-        else DistributionMatching(setting.objective, original, delta, data, reference, config)
-    )
-    result = learn_perturbation(
-        original, data, split, delta, config, goal="match", desc=setting.name, objective=objective
-    )
-    return result.delta, {**result.stopping_report(), "distance": round(result.chosen.distance, 3)}
+    return [Setting(o, b, lr) for o, betas in BETAS.items() for b, lr in itertools.product(betas, LRS)]
 
 
 def _row(metrics: UnlearningMetrics, reference: UnlearningMetrics) -> dict[str, float]:
     return {**{k: round(v, 2) for k, v in metrics.to_json().items()}, "avg_gap": round(metrics.avg_gap(reference), 3)}
 
 
-def sweep_task(ctx: _Context, task: Any, bench_rows: dict[str, Any], seed: int) -> dict[str, Any]:
-    split = _task_split(ctx, task)
-    reference_half, choice_half = halves(split, seed)
-    choice_split = replace(split, val=choice_half)
+def sweep_task(ctx: BenchContext, task: Any, bench_rows: dict[str, Any]) -> dict[str, Any]:
+    split = task_split(ctx, task)
+    base = ctx.config.random_vector
+    reference_half, choice_half = holdout_halves(split.val, base.seed)  # as learn_forget_vector cuts it
     retrain = UnlearningMetrics.from_row(bench_rows[RETRAIN])
     rows: dict[str, Any] = {}
     for setting in tqdm(settings(), desc=f"{task.name}: sweep", leave=False):
-        start = time.perf_counter()
-        delta, stopping = learn_setting(ctx.original, ctx.data, choice_split, setting, reference_half)
-        seconds = time.perf_counter() - start
-        g = PerturbedClassifier(ctx.original, torch.from_numpy(delta))
+        result = learn_forget_vector(ctx.original, ctx.data, split, setting.config(base))
+        g = PerturbedClassifier(ctx.original, torch.from_numpy(result.delta))
         metrics, _ = evaluate_unlearning(g, ctx.data, split, seed=ctx.config.seed)
         rows[setting.name] = {
             **_row(metrics, retrain),
-            "seconds": round(seconds, 1),
-            "delta_l2": round(float(np.linalg.norm(delta)), 3),
-            "stopping": stopping,
+            "seconds": round(result.seconds, 1),
+            "delta_l2": round(float(np.linalg.norm(result.delta)), 3),
+            "stopping": {**result.stopping_report(), "distance": round(result.chosen.distance, 3)},
         }
     # The choice: the hold-out half H_B only (smallest distance to the rule; ties: the smaller vector).
     chosen = min(rows, key=lambda n: (rows[n]["stopping"]["distance"], rows[n]["delta_l2"]))
@@ -209,16 +130,15 @@ def summary(tasks: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    meta, summ = result["meta"], result["summary"]
+    m, summ = result["machine"], result["summary"]
     gaps = summ["avg_gap"]
     lines = [
         "# Random-subset forgetting with a universal vector: an objective aimed at indistinguishability",
         "",
-        f"- date (UTC): {meta['date']}; wall time {meta['wall_seconds']:.0f} s",
-        f"- command: `{meta['command']}`",
-        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cpu_count']} CPUs, "
-        f"torch {meta['machine']['torch']} ({meta['machine']['torch_threads']} thread), "
-        f"load average at start {meta['machine']['load_average_at_start']}",
+        f"- date (UTC): {result['date']}; wall time {result['wall_seconds']:.0f} s",
+        f"- command: `{result['command']}`",
+        f"- machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} thread), "
+        f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end",
         f"- setting: `fv bench unlearning` defaults: {result['setting']}",
         f"- sweep: {len(result['settings'])} settings (objective x beta x lr), runs of {result['base_config_text']}",
         "- choice per task on the hold-out half H_B only: the vector closest to the stopping rule "
@@ -271,36 +191,29 @@ def conclusion(gaps: dict[str, float]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default="benchmarks/results/random_forgetting")
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/random_forgetting"))
     parser.add_argument("--seeds", nargs="+", type=int, default=list(BenchConfig.random_seeds))
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    load_start, start = load_average(), time.perf_counter()
     config = replace(BenchConfig(), classes=(), pair=None, random_seeds=tuple(args.seeds))
     data = load_dataset(config.data, config.data_root)
-    split = _resolve_split(config, len(data.train))
     spec = ModelSpec(
         config.arch, data.input_shape[0], data.num_classes, data.input_shape[1:], data.mean, data.std, data.class_names
     )
     torch.manual_seed(config.train.seed)  # as the benchmark does: the same original weights
     progress = tqdm(desc="benchmark rows", mininterval=1.0)
-    ctx = _Context(config, data, split, Classifier(spec), config.device, progress)
-    machine = run_machine(config.device)
-    original = _train_original(ctx)
-    tasks = []
-    for task in bench_tasks(config):
-        bench = _run_task(ctx, task)
-        tasks.append(sweep_task(ctx, task, bench["rows"], config.seed))
+    split = resolve_split(config, len(data.train))
+    ctx = BenchContext(config, data, split, Classifier(spec), config.device, progress)
+    original = train_original(ctx)
+    tasks = [sweep_task(ctx, task, run_task(ctx, task)["rows"]) for task in bench_tasks(config)]
     progress.close()
     summ = summary(tasks)
-    result = {
-        "meta": {
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-            "machine": machine,
-            "wall_seconds": round(time.perf_counter() - start, 1),
-        },
+    base = config.random_vector
+    report = {
+        **provenance(load_start, torch=torch.__version__, torch_threads=str(torch.get_num_threads())),
+        "wall_seconds": round(time.perf_counter() - start, 1),
         "setting": (
             f"{data.name}, {config.arch}, original trained on {original['train_size']} images "
             f"(train accuracy {original['train_accuracy']:.2f}%, test {original['test_accuracy']:.2f}%), "
@@ -308,23 +221,18 @@ def main() -> int:
         ),
         "original": original,
         "settings": [s.name for s in settings()],
-        "base_config": BASE.to_json(),
+        "base_config": base.to_json(),
         "base_config_text": (
-            f"{BASE.optimizer}, batch {BASE.batch_size} ({BASE.forget_fraction:.0%} from D_f, no flips), "
-            f"{BASE.steps_per_epoch} steps x "
-            f"{BASE.max_epochs} epochs, lr decay {BASE.gamma}/epoch, {BASE.checks_per_epoch} checks/epoch, alpha "
-            f"{BASE.alpha}, lambda {BASE.lam}"
+            f"{base.optimizer}, batch {base.batch_size} ({base.forget_fraction:.0%} from D_f, no flips), "
+            f"{base.steps_per_epoch} steps x {base.max_epochs} epochs, lr decay {base.gamma}/epoch, "
+            f"{base.checks_per_epoch} checks/epoch, alpha {base.alpha}, lambda {base.lam}"
         ),
-        "rule": BASE.rule("match").describe(),
+        "rule": base.rule("match").describe(),
         "tasks": tasks,
         "summary": summ,
         "conclusion": conclusion(summ["avg_gap"]),
     }
-    out = Path(args.out_dir)
-    write_json_atomic(out / "random_forgetting.json", result)
-    text = markdown(result)
-    write_bytes_atomic(out / "random_forgetting.md", text.encode())
-    print(text)
+    write_report(args.out_dir, report, markdown)
     return 0
 
 

@@ -6,6 +6,7 @@ importing torch, so operator commands (`fv status`, `fv switch`...) start quickl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -50,8 +51,10 @@ class TrainConfig:
 
 
 #: Named settings of `VectorConfig` (`VectorConfig.preset(name)`, `fv learn --preset`).
-PRESETS = ("fast", "epochs", "parity")
+PRESETS = ("fast", "epochs", "parity", "match")
 OPTIMIZERS = ("sgd", "adam")
+#: Forget terms (`fv_serving.matching`): the authors' margin, or a distribution match for random subsets.
+OBJECTIVES = ("margin", "confidence", "loss")
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,8 @@ class VectorConfig:
     the "fast" preset, which changes how it is optimised, not what is optimised: a
     vector has C*H*W parameters and does not need passes over the whole retain set.
     `epochs()` is the previous default (the authors' optimiser and batches with the
-    stopping rule), `parity()` the authors' protocol.
+    stopping rule), `parity()` the authors' protocol, `match()` the default for random
+    subsets (a distribution-matching forget term, `fv_serving.matching`).
 
     An epoch is one pass over D_f + D_r (`steps_per_epoch` None) or `steps_per_epoch`
     steps of batches drawn at random, `forget_fraction` of each from D_f (None: the
@@ -81,6 +85,7 @@ class VectorConfig:
     send); batch 64 3 of 4; batch 256 4 of 4 in 410 steps of twice the cost.
     """
 
+    objective: str = "margin"  # the forget term: one of OBJECTIVES (random subsets only for the matching ones)
     beta: float = 5.0  # forget-term weight (authors: 3-10 per class)
     alpha: float = 1.0  # retain-term weight
     tau: float = 1.0  # margin floor of the forget term
@@ -107,6 +112,8 @@ class VectorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise InvalidInputError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.optimizer not in OPTIMIZERS:
             raise InvalidInputError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
@@ -138,11 +145,32 @@ class VectorConfig:
         return replace(cls.epochs(beta), max_epochs=200, stopping=False)
 
     @classmethod
+    def match(cls) -> VectorConfig:
+        """Random subsets: the fast preset with a confidence-matching forget term.
+
+        beta 3 at lr 0.01 was chosen on the hold-out for both random tasks of
+        `benchmarks/random_forgetting.py`; a quarter of each batch comes from D_f, so that
+        the forget term compares enough scores per batch (a 10% forget set gives ~13 of 128).
+        """
+        return cls(objective="confidence", beta=3.0, forget_fraction=0.25)
+
+    @classmethod
     def preset(cls, name: str) -> VectorConfig:
         """One of PRESETS by name."""
-        if name not in PRESETS:
+        presets: dict[str, Callable[[], VectorConfig]] = {
+            "fast": cls,
+            "epochs": cls.epochs,
+            "parity": cls.parity,
+            "match": cls.match,
+        }
+        if name not in presets:
             raise InvalidInputError(f"unknown preset {name!r}; expected one of {PRESETS}")
-        return cls() if name == "fast" else cls.epochs() if name == "epochs" else cls.parity()
+        return presets[name]()
+
+    @classmethod
+    def default_for(cls, task_kind: str) -> VectorConfig:
+        """What `fv learn` uses without --preset: `match()` for random subsets, the fast preset for classes."""
+        return cls.match() if task_kind == "random" else cls()
 
     def rule(self, goal: str) -> StoppingRule:
         """The stopping rule of a task with this goal ("erase" or "match") and these thresholds."""

@@ -4,7 +4,8 @@ The frozen classifier f never changes. What is learned is a perturbation module
 whose output delta is added to every input:
   * `DirectDelta`      delta itself (one vector, initialised at zero);
   * `BankCombination`  delta(w) = sum_k w_k delta_k over a bank of class vectors.
-Both are trained by the same loop with the authors' objective,
+Both are trained by the same loop with the authors' objective (random subsets may
+replace its forget term by a distribution match, `fv_serving.matching`),
 
   loss = beta * sum_forget max(z_y - max_{k!=y} z_k, -tau) / B
        + alpha * sum_retain CE(z, y) / B + regulariser,
@@ -31,7 +32,7 @@ decision and ends with the same perturbation.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -45,6 +46,7 @@ from fv_serving.config import VectorConfig
 from fv_serving.data import Dataset, ForgetSplit, ImageSet, default_augmentation
 from fv_serving.distributed import SINGLE, Dist
 from fv_serving.errors import InvalidInputError
+from fv_serving.matching import DistributionMatching, holdout_halves, refuse_data_parallel
 from fv_serving.metrics import predict
 from fv_serving.models import PerturbedClassifier, fold_batchnorm
 from fv_serving.perturbation import apply_delta
@@ -337,14 +339,44 @@ def learn_forget_vector(
     device: str = "cpu",
     dist: Dist = SINGLE,
 ) -> LearnResult:
+    """One vector for a class-wise ("erase") or random-subset ("match") task, with `config.objective`.
+
+    A random-subset task cuts the hold-out in two (`matching.holdout_halves`): the
+    stopping rule judges on one half, a matching objective aims at the other.
+    """
+    goal = goal_for(split.spec.kind)
+    delta = DirectDelta(data.input_shape)
+    objective: Objective | None = None
+    if goal == "match":
+        reference, rule_half = holdout_halves(split.val, config.seed)
+        split = replace(split, val=rule_half)
+        if config.objective != "margin":
+            refuse_data_parallel(config.objective, dist.world)
+            objective = DistributionMatching(
+                config.objective,
+                classifier,
+                delta,
+                data.train,
+                reference,
+                alpha=config.alpha,
+                beta=config.beta,
+                clamp=config.clamp,
+                seed=config.seed,
+                device=device,
+            )
+    elif config.objective != "margin":
+        raise InvalidInputError(
+            f"the {config.objective!r} objective is for random subsets; class-wise vectors use 'margin'"
+        )
     return learn_perturbation(
         classifier,
         data,
         split,
-        DirectDelta(data.input_shape),
+        delta,
         config,
-        goal=goal_for(split.spec.kind),
+        goal=goal,
         device=device,
         desc=f"forget vector ({split.spec.kind})",
         dist=dist,
+        objective=objective,
     )

@@ -112,7 +112,10 @@ def format_markdown(report: dict[str, Any]) -> str:
             else f"a seeded {config['test_size']}-image subset of the test pool"
         ),
         f"- original recipe (also Retrain's): {_recipe(config['train'])}",
-        f"- forget vectors: {_vector_recipe(config['vector'])}",
+        f"- forget vectors, class-wise: {_vector_recipe(config['vector'])}; learned bank coefficients: "
+        f"lr {COMBINATION_LR}, lambda {COMBINATION_LAM} (on ||w||_2)",
+        f"- forget vectors, random subsets: {_vector_recipe(config['random_vector'])}; the stopping rule on one half "
+        "of the hold-out, the other half the matching objective's reference",
         "",
         "## Original and Retrain accuracy (%)",
         "",
@@ -218,12 +221,22 @@ def _recipe(train: dict[str, Any]) -> str:
 
 
 def _vector_recipe(vector: dict[str, Any]) -> str:
+    optimiser = (
+        f"SGD lr {vector['lr']} momentum {vector['momentum']}"
+        if vector["optimizer"] == "sgd"
+        else f"Adam lr {vector['lr']}"
+    )
+    share = "natural share" if vector["forget_fraction"] is None else f"{vector['forget_fraction']:.0%}"
+    batches = (
+        f"passes over D_f + D_r in batches of {vector['batch_size']}"
+        if vector["steps_per_epoch"] is None
+        else f"{vector['steps_per_epoch']} drawn batches of {vector['batch_size']} ({share} from D_f) per epoch"
+    )
     return (
-        f"beta {vector['beta']}, alpha {vector['alpha']}, tau {vector['tau']}, lambda {vector['lam']}, SGD lr "
-        f"{vector['lr']} momentum {vector['momentum']}, ExponentialLR {vector['gamma']}, batch {vector['batch_size']}, "
+        f"{vector['objective']} forget term, beta {vector['beta']}, alpha {vector['alpha']}, tau {vector['tau']}, "
+        f"lambda {vector['lam']}, {optimiser}, ExponentialLR {vector['gamma']}, {batches}, "
         f"at most {vector['max_epochs']} epochs, {vector['checks_per_epoch']} stopping-rule checks per epoch; "
-        f"retain floor {vector['retain_margin']} points of validation accuracy ('no retain floor' rows: none); "
-        f"learned bank coefficients: lr {COMBINATION_LR}, lambda {COMBINATION_LAM} (on ||w||_2)"
+        f"retain floor {vector['retain_margin']} points of validation accuracy ('no retain floor' rows: none)"
     )
 
 

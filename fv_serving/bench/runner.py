@@ -124,7 +124,9 @@ def run_machine(device: str) -> dict[str, Any]:
 
 
 @dataclass
-class _Context:
+class BenchContext:
+    """What the tasks of one run share: the original model, the tuned baselines' choices, the class vectors."""
+
     config: BenchConfig
     data: Dataset
     split: SplitSpec
@@ -136,7 +138,8 @@ class _Context:
     class_vectors: dict[int, np.ndarray] = field(default_factory=dict)
 
 
-def _resolve_split(config: BenchConfig, n_train: int) -> SplitSpec:
+def resolve_split(config: BenchConfig, n_train: int) -> SplitSpec:
+    """The train/validation split of a run (a smoke run shrinks the hold-out to fit tiny data)."""
     val, size = config.val_size, config.train_size
     if config.quick:  # a smoke run adapts to tiny data sets (e.g. a test fixture)
         val = max(1, min(val, n_train // 5))
@@ -144,7 +147,8 @@ def _resolve_split(config: BenchConfig, n_train: int) -> SplitSpec:
     return SplitSpec(seed=config.split_seed, val_size=val, train_size=size)
 
 
-def _train_original(ctx: _Context) -> dict[str, Any]:
+def train_original(ctx: BenchContext) -> dict[str, Any]:
+    """Train `ctx.original` in place on the run's pool; its accuracies and sizes, for the report."""
     config, data = ctx.config, ctx.data
     pool, val = ctx.split.indices(len(data.train))
     history = train_classifier(
@@ -169,7 +173,8 @@ def _train_original(ctx: _Context) -> dict[str, Any]:
     }
 
 
-def _task_split(ctx: _Context, task: Task) -> ForgetSplit:
+def task_split(ctx: BenchContext, task: Task) -> ForgetSplit:
+    """The task's D_f / D_r / hold-out / test pools, the test pool cut to `test_size` if set."""
     split = make_forget_split(ctx.data, ctx.split, task.spec)
     if ctx.config.test_size is not None and len(split.test) > ctx.config.test_size:
         gen = torch.Generator().manual_seed(ctx.config.seed)
@@ -188,7 +193,7 @@ def _vector_row(result: LearnResult) -> dict[str, Any]:
     }
 
 
-def _baseline(ctx: _Context, task: Task, split: ForgetSplit, method: str) -> tuple[UnlearnedModel, float]:
+def _baseline(ctx: BenchContext, task: Task, split: ForgetSplit, method: str) -> tuple[UnlearnedModel, float]:
     """Grid-search the method on this task (or reuse an earlier task's choice); returns (model, search seconds)."""
     config = ctx.config
     kind = "class" if task.scenario in ("class", "pair") else "random"
@@ -216,9 +221,10 @@ def _baseline(ctx: _Context, task: Task, split: ForgetSplit, method: str) -> tup
     return result.best, result.seconds
 
 
-def _run_task(ctx: _Context, task: Task) -> dict[str, Any]:
+def run_task(ctx: BenchContext, task: Task) -> dict[str, Any]:
+    """Every method's row for one task, each scored against that task's Retrain model."""
     config, data, device, original = ctx.config, ctx.data, ctx.device, ctx.original
-    split = _task_split(ctx, task)
+    split = task_split(ctx, task)
     rows: dict[str, dict[str, Any]] = {}
     metrics: dict[str, UnlearningMetrics] = {}
 
@@ -251,20 +257,21 @@ def _run_task(ctx: _Context, task: Task) -> dict[str, Any]:
         add(grid.method, result.model, result.seconds, result.params_changed, search, config=result.config)
 
     ctx.progress.set_postfix_str(f"{task.name}: forget vector")
-    fv = learn_forget_vector(original, data, split, config.vector, device=device)
+    settings = config.vector_for(task.scenario)
+    fv = learn_forget_vector(original, data, split, settings, device=device)
     delta = torch.from_numpy(fv.delta).to(device)
-    add(FV, PerturbedClassifier(original, delta, config.vector.clamp), fv.seconds, 0, **_vector_row(fv))
+    add(FV, PerturbedClassifier(original, delta, settings.clamp), fv.seconds, 0, **_vector_row(fv))
     if task.scenario == "class":
         ctx.class_vectors[task.spec.classes[0]] = fv.delta
     no_floor: LearnResult | None = None
     if task.scenario != "pair":
         no_floor = learn_forget_vector(
-            original, data, split, replace(config.vector, retain_margin=config.no_floor_margin), device=device
+            original, data, split, replace(settings, retain_margin=config.no_floor_margin), device=device
         )
         loose = torch.from_numpy(no_floor.delta).to(device)
         add(
             FV_NO_FLOOR,
-            PerturbedClassifier(original, loose, config.vector.clamp),
+            PerturbedClassifier(original, loose, settings.clamp),
             no_floor.seconds,
             0,
             **_vector_row(no_floor),
@@ -273,7 +280,7 @@ def _run_task(ctx: _Context, task: Task) -> dict[str, Any]:
         classes = task.spec.classes
         add(
             GATED,
-            GatedPerturbedClassifier(original, delta, classes, config.vector.clamp).to(device),
+            GatedPerturbedClassifier(original, delta, classes, settings.clamp).to(device),
             fv.seconds,
             0,
             note="same vector as the forget-vector row; two classifier passes per input",
@@ -282,7 +289,7 @@ def _run_task(ctx: _Context, task: Task) -> dict[str, Any]:
             loose = torch.from_numpy(no_floor.delta).to(device)
             add(
                 GATED_NO_FLOOR,
-                GatedPerturbedClassifier(original, loose, classes, config.vector.clamp).to(device),
+                GatedPerturbedClassifier(original, loose, classes, settings.clamp).to(device),
                 no_floor.seconds,
                 0,
                 note="same vector as the no-floor row",
@@ -309,7 +316,7 @@ def _run_task(ctx: _Context, task: Task) -> dict[str, Any]:
     }
 
 
-def _composition_rows(ctx: _Context, task: Task, split: ForgetSplit, add: Any) -> None:
+def _composition_rows(ctx: BenchContext, task: Task, split: ForgetSplit, add: Any) -> None:
     """Zero-shot sum of the pair's class vectors, and coefficients learned over the whole class bank."""
     config, device = ctx.config, ctx.device
     bank_classes = sorted(ctx.class_vectors)
@@ -380,7 +387,7 @@ def _run(config: BenchConfig, out_dir: str | Path, command: str) -> dict[str, An
     bad = [c for c in config.classes if not 0 <= c < data.num_classes]
     if bad:
         raise InvalidInputError(f"unknown class(es) {bad}: {data.name} has classes 0..{data.num_classes - 1}")
-    split = _resolve_split(config, len(data.train))
+    split = resolve_split(config, len(data.train))
     spec = ModelSpec(
         config.arch, data.input_shape[0], data.num_classes, data.input_shape[1:], data.mean, data.std, data.class_names
     )
@@ -388,10 +395,10 @@ def _run(config: BenchConfig, out_dir: str | Path, command: str) -> dict[str, An
     tasks = bench_tasks(config)
     total = sum(_rows_per_task(config, t.scenario) for t in tasks)
     progress = tqdm(total=total, desc="bench unlearning (rows)", mininterval=1.0)
-    ctx = _Context(config, data, split, Classifier(spec).to(device), device, progress)
+    ctx = BenchContext(config, data, split, Classifier(spec).to(device), device, progress)
     progress.set_postfix_str("training the original")
-    original = _train_original(ctx)
-    results = [_run_task(ctx, task) for task in tasks]
+    original = train_original(ctx)
+    results = [run_task(ctx, task) for task in tasks]
     progress.close()
     report = {
         "meta": {

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
-from fv_serving.config import OPTIMIZERS, PRESETS, VectorConfig, with_overrides
+from fv_serving.config import OBJECTIVES, OPTIMIZERS, PRESETS, VectorConfig, with_overrides
 from fv_serving.errors import InvalidInputError
 
 
@@ -37,14 +37,22 @@ def add_forget_target(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def add_vector_config(parser: argparse.ArgumentParser) -> None:
     d = VectorConfig()
-    g = parser.add_argument_group("objective and optimiser (docs/method.md sec. 2; defaults: the fast preset)")
+    g = parser.add_argument_group(
+        "objective and optimiser (docs/method.md sec. 2; defaults: the fast preset, or match for random subsets)"
+    )
     g.add_argument(
         "--preset",
         choices=PRESETS,
-        default=PRESETS[0],
-        help="fast (default): Adam on drawn batches, cheap frequent checks (see VectorConfig); "
+        help="fast (default for classes): Adam on drawn batches, cheap frequent checks (see VectorConfig); "
         "epochs: the previous default, the authors' SGD passes over the forget+retain set with the stopping rule; "
-        "parity: the authors' protocol (200 epochs, no stopping rule)",
+        "parity: the authors' protocol (200 epochs, no stopping rule); "
+        "match (default for --forget-percent): the fast preset with a confidence-matching forget term",
+    )
+    g.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="forget term: margin (the authors'), or confidence / loss matching for random subsets "
+        "(see fv_serving.matching)",
     )
     g.add_argument("--beta", type=float, help=f"forget-term weight (default {d.beta})")
     g.add_argument("--alpha", type=float, help=f"retain-term weight (default {d.alpha})")
@@ -89,8 +97,10 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
 
 
 def vector_config(args: argparse.Namespace) -> VectorConfig:
+    kind = "random" if getattr(args, "forget_percent", None) is not None else "class"
     return with_overrides(
-        VectorConfig.preset(args.preset),
+        VectorConfig.preset(args.preset) if args.preset else VectorConfig.default_for(kind),
+        objective=args.objective,
         beta=args.beta,
         alpha=args.alpha,
         tau=args.tau,

@@ -112,6 +112,7 @@ def _learn_for_onnx(args: argparse.Namespace) -> tuple[ForgetVector, ForgetSpec,
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from fv_serving.distributed import launch, process_group
+    from fv_serving.matching import refuse_data_parallel
     from fv_serving.pipeline import learn_vector, open_workspace, resolve_device
 
     if args.onnx:
@@ -120,6 +121,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
     if args.input_name or args.normalized_input or args.data != "fashion-mnist":
         raise InvalidInputError("--data, --input-name and --normalized-input describe an --onnx graph")
     if args.nproc > 1:
+        refuse_data_parallel(vector_config(args).objective, args.nproc)
         return launch(args.nproc, torchrun_argv(args))
     with process_group(resolve_device(args.device)) as (dist, device):
         ws = open_workspace(args.classifier, args.data_root, device)
@@ -147,8 +149,8 @@ def _report_learned(
     if stop["chosen_epoch"] == 0:
         print(
             "warning: no point of the run came closer to the stopping rule than the unperturbed model, "
-            "so the vector is zero (for random subsets a universal vector cannot make them look unseen "
-            "without moving every input; see README, Results)"
+            "so the vector is zero (for random subsets with the margin objective this is expected: "
+            "use the match preset; see README, Results)"
         )
     if "UA" in metrics:
         print_table({"forget vector": metrics}, METRIC_NAMES)
