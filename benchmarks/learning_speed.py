@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import subprocess
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,8 +38,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fv_serving.atomic import write_bytes_atomic, write_json_atomic
-from fv_serving.bench.machine import load_average, machine_info
+from fv_serving.bench.machine import load_average
+from fv_serving.bench.record import provenance, write_report
 from fv_serving.config import METRIC_NAMES, VectorConfig
 from fv_serving.data import ForgetSpec
 from fv_serving.metrics import evaluate_unlearning
@@ -76,15 +74,6 @@ TUNING_GRID: dict[str, dict[str, Any]] = {
     "flips (the authors' augmentation)": {"augment": True},
     "beta 3": {"beta": 3.0},
 }
-
-
-def _machine(threads: int) -> dict[str, Any]:
-    return {
-        **machine_info(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "load_average_at_start": load_average(),
-    }
 
 
 def _metrics(metrics: Any) -> dict[str, float]:
@@ -189,8 +178,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"# Forget-vector learning cost on Fashion-MNIST ({result['date']})",
         "",
         f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} thread(s)), "
-        f"{m['platform']}, load average at start {m['load_average_at_start']} (the cores are shared with other "
-        "work: compare times within this run).",
+        f"{m['platform']}, load average {m['loadavg_start']} at start, {m['loadavg_end']} at end (the cores are "
+        "shared with other work: compare times within this run).",
         f"Command: `{result['command']}`. Wall time {result['seconds']:.0f} s.",
         "",
         f"Yardstick: training the classifier (`fv train` defaults, {train['config']['epochs']} epochs on "
@@ -257,7 +246,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tune(ws: Workspace, classes: list[int], work: Path, out: Path, base: dict[str, Any]) -> int:
+def tune(ws: Workspace, classes: list[int], work: Path, out: Path, load_start: list[float]) -> int:
     """The grid behind the fast preset, judged on what a user has: the stopping rule on D_f and the hold-out."""
     rows: dict[str, list[dict[str, Any]]] = {}
     for name, overrides in tqdm(TUNING_GRID.items(), desc="tuning grid"):
@@ -270,8 +259,17 @@ def tune(ws: Workspace, classes: list[int], work: Path, out: Path, base: dict[st
             rows[name].append(
                 {"class": ws.data.class_names[c], "seconds": round(time.perf_counter() - start, 2), **stop}
             )
-    result = {**base, "classes": [ws.data.class_names[c] for c in classes], "grid": TUNING_GRID, "rows": rows}
-    write_json_atomic(out / "tuning.json", result)
+    result = {
+        **provenance(load_start, torch=torch.__version__, torch_threads=str(torch.get_num_threads())),
+        "classes": [ws.data.class_names[c] for c in classes],
+        "grid": TUNING_GRID,
+        "rows": rows,
+    }
+    write_report(out, result, tuning_markdown, name="tuning")
+    return 0
+
+
+def tuning_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Tuning the fast preset ({result['date']}): validation hold-out and forget monitor only",
         "",
@@ -280,16 +278,13 @@ def tune(ws: Workspace, classes: list[int], work: Path, out: Path, base: dict[st
         "| setting | rule met | total steps | total time (s) | worst hold-out drop (points) |",
         "|---|---|---|---|---|",
     ]
-    for name, rs in rows.items():
+    for name, rs in result["rows"].items():
         drop = max(r["holdout_acc_original"] - r["holdout_acc"] for r in rs)
         lines.append(
             f"| {name} | {sum(r['rule_met'] for r in rs)}/{len(rs)} | {sum(r['steps_run'] for r in rs)} | "
             f"{sum(r['seconds'] for r in rs):.1f} | {drop:.2f} |"
         )
-    text = "\n".join(lines) + "\n"
-    write_bytes_atomic(out / "tuning.md", text.encode())
-    print(text)
-    return 0
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -306,17 +301,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     out, work = Path(args.out_dir), Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    base = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(torch.get_num_threads()),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    }
+    load_start, start = load_average(), time.perf_counter()
     classifier = work / "classifier.safetensors"
     if args.tune:
         if not args.classifier:
             train_model("fashion-mnist", classifier)
-        return tune(open_workspace(args.classifier or classifier), args.tune_classes, work, out, base)
+        return tune(open_workspace(args.classifier or classifier), args.tune_classes, work, out, load_start)
     if args.classifier:
         parser.error("--classifier is for --tune: the benchmark times the classifier's training itself")
     trained = train_model("fashion-mnist", classifier)
@@ -327,7 +317,6 @@ def main() -> int:
             path = work / f"{row.stem}_{c}.safetensors"
             presets[row.name].append(learn_row(ws, c, row.config, path, trained["seconds"]))
     result: dict[str, Any] = {
-        **base,
         "classifier": {k: trained[k] for k in ("seconds", "train_size", "config", "accuracy")},
         "classes": args.classes,
         "configs": {row.name: row.config.to_json() for row in ROWS},
@@ -336,11 +325,12 @@ def main() -> int:
     }
     if not args.no_processes:
         result["processes"] = processes(classifier, args.classes, work)
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    write_json_atomic(out / "learning_speed.json", result)
-    text = markdown(result)
-    write_bytes_atomic(out / "learning_speed.md", text.encode())
-    print(text)
+    result = {
+        **provenance(load_start, torch=torch.__version__, torch_threads=str(torch.get_num_threads())),
+        "seconds": round(time.perf_counter() - start, 1),
+        **result,
+    }
+    write_report(out, result, markdown, name="learning_speed")
     return 0
 
 

@@ -22,7 +22,7 @@ Retrain, FT, GA, RL, l1-sparse, SalUn, forget vector) are recomputed in the same
 with its code (`fv_serving.bench.runner`), from the same original weights.
 
     python benchmarks/random_forgetting.py            # ~20-30 min on 2 CPU cores
-Writes benchmarks/results/random_forgetting/results.{json,md}. The setting it chooses on
+Writes benchmarks/results/random_forgetting/random_forgetting.{json,md}. The setting it chooses on
 both tasks (confidence, beta 3, lr 0.01) is the match preset (`VectorConfig.match`),
 `fv learn`'s default for random subsets; the unlearning benchmark's own forget-vector
 row for random tasks is that preset, so it equals the sweep's row of the same setting.
@@ -232,7 +232,7 @@ def main() -> int:
         "summary": summ,
         "conclusion": conclusion(summ["avg_gap"]),
     }
-    write_report(args.out_dir, report, markdown)
+    write_report(args.out_dir, report, markdown, name="random_forgetting")
     return 0
 
 

@@ -23,11 +23,9 @@ Writes benchmarks/results/retain_tradeoff/{retain_tradeoff.json, retain_tradeoff
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +33,8 @@ import matplotlib.pyplot as plt
 import torch
 from tqdm.auto import tqdm
 
-from fv_serving.atomic import write_bytes_atomic, write_json_atomic
-from fv_serving.bench.machine import load_average, machine_info
+from fv_serving.bench.machine import load_average
+from fv_serving.bench.record import provenance, write_report
 from fv_serving.config import VectorConfig
 from fv_serving.data import ForgetSpec, ForgetSplit, iterate_batches
 from fv_serving.metrics import predict
@@ -144,7 +142,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# D_r against the hold-out during learning ({result['date']})",
         "",
-        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs), load average at start {m['load_average_at_start']}.",
+        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs), torch {m['torch']} (1 thread), load average "
+        f"{m['loadavg_start']} at start, {m['loadavg_end']} at end.",
         f"Command: `{result['command']}`. Wall time {result['seconds']:.0f} s. Classifier `{result['classifier']}`.",
         "",
         "Per run: the first step where forget accuracy <= 0.5% and the hold-out drop <= 1 point (the stopping "
@@ -174,31 +173,23 @@ def main() -> int:
     parser.add_argument("--classes", nargs="+", type=int, default=[1, 3, 9])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--out-dir", default="benchmarks/results/retain_tradeoff")
+    parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/retain_tradeoff"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    start = time.perf_counter()
+    load_start, start = load_average(), time.perf_counter()
     ws = open_workspace(args.classifier)
-    result: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine_info(), "load_average_at_start": load_average()},
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "classifier": args.classifier,
-        "traces": {},
-        "summary": {},
-    }
+    traces: dict[str, Any] = {}
     for c in tqdm(args.classes, desc="classes"):
-        name = ws.data.class_names[c]
-        result["traces"][name] = {v: trace(ws, c, v, args.steps, args.every) for v in VARIANTS}
-        result["summary"][name] = {v: summary(rows) for v, rows in result["traces"][name].items()}
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "retain_tradeoff.json", result)
-    plot(result, out / "retain_tradeoff.png")
-    text = markdown(result)
-    write_bytes_atomic(out / "retain_tradeoff.md", text.encode())
-    print(text)
+        traces[ws.data.class_names[c]] = {v: trace(ws, c, v, args.steps, args.every) for v in VARIANTS}
+    result: dict[str, Any] = {
+        **provenance(load_start, torch=torch.__version__),
+        "seconds": round(time.perf_counter() - start, 1),
+        "classifier": args.classifier,
+        "traces": traces,
+        "summary": {name: {v: summary(rows) for v, rows in per.items()} for name, per in traces.items()},
+    }
+    write_report(args.out_dir, result, markdown, name="retain_tradeoff")
+    plot(result, args.out_dir / "retain_tradeoff.png")
     return 0
 
 

@@ -26,11 +26,14 @@ def provenance(load_start: list[float], **versions: str) -> dict[str, Any]:
     }
 
 
-def write_report(out_dir: Path, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str]) -> None:
-    """results.json and results.md in `out_dir`, written atomically; the markdown is printed too."""
+def write_report(
+    out_dir: Path, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str], name: str = "results"
+) -> None:
+    """<name>.json and <name>.md in `out_dir`, written atomically; the markdown is printed too."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "results.json", report)
+    json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
+    write_json_atomic(json_path, report)
     text = markdown(report)
-    write_bytes_atomic(out_dir / "results.md", text.encode())
+    write_bytes_atomic(md_path, text.encode())
     print(text)
-    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.md'}")
+    print(f"wrote {json_path} and {md_path}")
