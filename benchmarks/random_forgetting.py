@@ -22,10 +22,12 @@ Retrain, FT, GA, RL, l1-sparse, SalUn, forget vector) are recomputed in the same
 with its code (`fv_serving.bench.runner`), from the same original weights.
 
     python benchmarks/random_forgetting.py            # ~20-30 min on 2 CPU cores
-Writes benchmarks/results/random_forgetting/random_forgetting.{json,md}. The setting it chooses on
-both tasks (confidence, beta 3, lr 0.01) is the match preset (`VectorConfig.match`),
-`fv learn`'s default for random subsets; the unlearning benchmark's own forget-vector
-row for random tasks is that preset, so it equals the sweep's row of the same setting.
+Writes benchmarks/results/random_forgetting/random_forgetting.{json,md}. The match preset
+(`VectorConfig.match`, `fv learn`'s default for random subsets) is the setting
+"confidence, beta 3, lr 0.01", set from this sweep; the unlearning benchmark's own
+forget-vector row for random tasks is that preset, so it equals the sweep's row of the
+same setting. Whether it holds on tasks it was not chosen on: `python
+benchmarks/unlearning.py --classes 1 --no-pair --random-seeds 2 3`.
 """
 
 from __future__ import annotations

@@ -221,6 +221,11 @@ def learn_perturbation(
     """
     if objective is not None and dist.world > 1:
         raise InvalidInputError("a custom objective runs in one process only (data-parallel needs a per-sample sum)")
+    if objective is None and config.objective != "margin":
+        raise InvalidInputError(
+            f"the {config.objective!r} objective is for random-subset vectors (fv learn --forget-percent); "
+            "class vectors and bank combinations use 'margin'"
+        )
     start = time.perf_counter()
     data_term = objective or partial(forget_vector_loss, config=config)
     rule = config.rule(goal)

@@ -15,7 +15,7 @@ from fv_serving.data import ForgetSpec, iterate_batches
 from fv_serving.errors import InvalidInputError
 from fv_serving.matching import DistributionMatching, holdout_halves, refuse_data_parallel
 from fv_serving.pipeline import Workspace
-from fv_serving.unlearn import learn_forget_vector
+from fv_serving.unlearn import DirectDelta, learn_forget_vector, learn_perturbation
 
 SMALL_MATCH = replace(VectorConfig.match(), max_epochs=2, checks_per_epoch=2, monitor_size=300)
 
@@ -74,6 +74,8 @@ def test_matching_is_refused_where_it_does_not_apply(tiny_workspace: Workspace) 
     split = ws.forget_split(ForgetSpec(classes=(1,)))
     with pytest.raises(InvalidInputError, match="'confidence' objective is for random subsets"):
         learn_forget_vector(ws.model, ws.data, split, SMALL_MATCH)
+    with pytest.raises(InvalidInputError, match="bank combinations use 'margin'"):  # e.g. fv compose --preset match
+        learn_perturbation(ws.model, ws.data, split, DirectDelta(ws.data.input_shape), SMALL_MATCH, goal="erase")
     with pytest.raises(InvalidInputError, match="one process only"):
         refuse_data_parallel("loss", 2)
     refuse_data_parallel("margin", 2)  # the authors' term is a per-image sum: data-parallel is fine

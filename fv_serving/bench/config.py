@@ -41,7 +41,7 @@ DEFAULT_VECTOR = VectorConfig(batch_size=64, max_epochs=8, checks_per_epoch=2)
 # Random subsets: the match preset (confidence matching, beta 3, a quarter of each batch
 # from D_f) with the batch size above, 25 steps x 8 epochs and 5 checks per epoch on the
 # whole rule half of the hold-out: the runs of benchmarks/random_forgetting.py's sweep,
-# which chose the match preset's beta and lr on these tasks.
+# which set the match preset's beta and lr on these tasks (`VectorConfig.match`).
 DEFAULT_RANDOM_VECTOR = replace(
     VectorConfig.match(), batch_size=64, steps_per_epoch=25, max_epochs=8, checks_per_epoch=5, holdout_size=None
 )
