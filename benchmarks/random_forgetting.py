@@ -89,8 +89,8 @@ def sweep_task(ctx: BenchContext, task: Any, bench_rows: dict[str, Any]) -> dict
     retrain = UnlearningMetrics.from_row(bench_rows[RETRAIN])
     rows: dict[str, Any] = {}
     for setting in tqdm(settings(), desc=f"{task.name}: sweep", leave=False):
-        result = learn_forget_vector(ctx.original, ctx.data, split, setting.config(base))
-        g = PerturbedClassifier(ctx.original, torch.from_numpy(result.delta))
+        result = learn_forget_vector(ctx.original, ctx.data, split, setting.config(base), device=ctx.device)
+        g = PerturbedClassifier(ctx.original, torch.from_numpy(result.delta).to(ctx.device), base.clamp)
         metrics, _ = evaluate_unlearning(g, ctx.data, split, seed=ctx.config.seed)
         rows[setting.name] = {
             **_row(metrics, retrain),

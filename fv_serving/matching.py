@@ -43,12 +43,29 @@ def holdout_halves(val: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Te
     return val[order[:half]].sort().values, val[order[half:]].sort().values
 
 
-def refuse_data_parallel(objective: str, world: int) -> None:
-    """A distance between two sorted samples is not a sum over images, so its ranks' slices do not add up."""
-    if objective in SCORES and world > 1:
+def check_objective(objective: str, task_kind: str, *, world: int = 1, augment: bool = False) -> None:
+    """Refuse a matching forget term where it does not apply, before any work starts.
+
+    Only random subsets have a distribution to match. A distance between two sorted
+    samples is not a sum over images, so data-parallel ranks' slices would not add up;
+    and the reference images are scored as they are, so augmented forget batches would
+    be compared with a target they cannot reach.
+    """
+    if objective not in SCORES:
+        return
+    if task_kind != "random":
+        raise InvalidInputError(
+            f"the {objective!r} objective is for random-subset vectors (--forget-percent); "
+            "class vectors, banks and bank combinations use 'margin'"
+        )
+    if world > 1:
         raise InvalidInputError(
             f"the {objective!r} objective of random-subset vectors learns in one process only "
             "(its distribution distance is not a per-image sum); drop --nproc"
+        )
+    if augment:
+        raise InvalidInputError(
+            f"the {objective!r} objective compares against unaugmented hold-out images; drop --augment"
         )
 
 
@@ -72,8 +89,11 @@ class DistributionMatching:
         if score not in SCORES:
             raise InvalidInputError(f"distribution matching scores are {tuple(SCORES)}, got {score!r}")
         if len(reference) == 0:
-            raise InvalidInputError("distribution matching needs a non-empty hold-out half as its reference")
-        self.score, self.classifier, self.perturbation = SCORES[score], classifier, perturbation
+            raise InvalidInputError(
+                "distribution matching needs at least 2 validation hold-out images, one half as its reference "
+                "(train the classifier with a larger `fv train --val-size`)"
+            )
+        self.score_of, self.classifier, self.perturbation = SCORES[score], classifier, perturbation
         self.images, self.reference, self.device = images, reference, device
         self.alpha, self.beta, self.clamp = alpha, beta, clamp
         self.generator = torch.Generator().manual_seed(seed + 1)
@@ -88,6 +108,6 @@ class DistributionMatching:
         drawn = self.reference[torch.randint(len(self.reference), (n,), generator=self.generator)]
         x, y, _ = next(iterate_batches(self.images, drawn, n, device=self.device))
         with torch.no_grad():  # the target: unseen data under the current delta
-            target = self.score(self.classifier(apply_delta(x, self.perturbation(), self.clamp)), y).sort().values
-        mine = self.score(logits[is_forget], labels[is_forget]).sort().values
+            target = self.score_of(self.classifier(apply_delta(x, self.perturbation(), self.clamp)), y).sort().values
+        mine = self.score_of(logits[is_forget], labels[is_forget]).sort().values
         return self.alpha * retain + self.beta * (mine - target).abs().mean()

@@ -46,7 +46,7 @@ from fv_serving.config import VectorConfig
 from fv_serving.data import Dataset, ForgetSplit, ImageSet, default_augmentation
 from fv_serving.distributed import SINGLE, Dist
 from fv_serving.errors import InvalidInputError
-from fv_serving.matching import DistributionMatching, holdout_halves, refuse_data_parallel
+from fv_serving.matching import DistributionMatching, check_objective, holdout_halves
 from fv_serving.metrics import predict
 from fv_serving.models import PerturbedClassifier, fold_batchnorm
 from fv_serving.perturbation import apply_delta
@@ -223,8 +223,8 @@ def learn_perturbation(
         raise InvalidInputError("a custom objective runs in one process only (data-parallel needs a per-sample sum)")
     if objective is None and config.objective != "margin":
         raise InvalidInputError(
-            f"the {config.objective!r} objective is for random-subset vectors (fv learn --forget-percent); "
-            "class vectors and bank combinations use 'margin'"
+            f"the {config.objective!r} objective needs its data term (`learn_forget_vector` builds it for "
+            "random subsets); class vectors, banks and bank combinations use 'margin'"
         )
     start = time.perf_counter()
     data_term = objective or partial(forget_vector_loss, config=config)
@@ -349,6 +349,7 @@ def learn_forget_vector(
     A random-subset task cuts the hold-out in two (`matching.holdout_halves`): the
     stopping rule judges on one half, a matching objective aims at the other.
     """
+    check_objective(config.objective, split.spec.kind, world=dist.world, augment=config.augment)
     goal = goal_for(split.spec.kind)
     delta = DirectDelta(data.input_shape)
     objective: Objective | None = None
@@ -356,7 +357,6 @@ def learn_forget_vector(
         reference, rule_half = holdout_halves(split.val, config.seed)
         split = replace(split, val=rule_half)
         if config.objective != "margin":
-            refuse_data_parallel(config.objective, dist.world)
             objective = DistributionMatching(
                 config.objective,
                 classifier,
@@ -369,10 +369,6 @@ def learn_forget_vector(
                 seed=config.seed,
                 device=device,
             )
-    elif config.objective != "margin":
-        raise InvalidInputError(
-            f"the {config.objective!r} objective is for random subsets; class-wise vectors use 'margin'"
-        )
     return learn_perturbation(
         classifier,
         data,

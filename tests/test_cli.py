@@ -33,7 +33,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         (["--forget-percent", "140"], ["percentage must be in (0, 100)"]),
         ([], ["say what to forget"]),
         (["--forget-percent", "10", "--nproc", "2"], ["'confidence' objective", "one process only"]),
-        (["--forget-class", "1", "--objective", "loss"], ["'loss' objective is for random subsets"]),
+        (["--forget-class", "1", "--objective", "loss"], ["'loss' objective is for random-subset vectors"]),
+        (["--forget-percent", "10", "--augment"], ["unaugmented hold-out images", "drop --augment"]),
     ],
 )
 def test_learn_bad_forget_set(tiny_classifier_path: Path, tmp_path: Path, args: list[str], fragments: list[str]):

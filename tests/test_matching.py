@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from fv_serving.cli.common import add_forget_target, add_vector_config, vector_config
-from fv_serving.config import VectorConfig
+from fv_serving.config import OBJECTIVES, VectorConfig
 from fv_serving.data import ForgetSpec, iterate_batches
 from fv_serving.errors import InvalidInputError
-from fv_serving.matching import DistributionMatching, holdout_halves, refuse_data_parallel
+from fv_serving.matching import SCORES, DistributionMatching, check_objective, holdout_halves
 from fv_serving.pipeline import Workspace
 from fv_serving.unlearn import DirectDelta, learn_forget_vector, learn_perturbation
 
@@ -72,14 +72,22 @@ def test_a_random_task_learns_with_matching_and_is_judged_on_the_other_half(tiny
 def test_matching_is_refused_where_it_does_not_apply(tiny_workspace: Workspace) -> None:
     ws = tiny_workspace
     split = ws.forget_split(ForgetSpec(classes=(1,)))
-    with pytest.raises(InvalidInputError, match="'confidence' objective is for random subsets"):
+    with pytest.raises(InvalidInputError, match="'confidence' objective is for random-subset vectors"):
         learn_forget_vector(ws.model, ws.data, split, SMALL_MATCH)
-    with pytest.raises(InvalidInputError, match="bank combinations use 'margin'"):  # e.g. fv compose --preset match
+    with pytest.raises(InvalidInputError, match="needs its data term"):  # e.g. fv compose --preset match
         learn_perturbation(ws.model, ws.data, split, DirectDelta(ws.data.input_shape), SMALL_MATCH, goal="erase")
     with pytest.raises(InvalidInputError, match="one process only"):
-        refuse_data_parallel("loss", 2)
-    refuse_data_parallel("margin", 2)  # the authors' term is a per-image sum: data-parallel is fine
-    refuse_data_parallel("confidence", 1)
+        check_objective("loss", "random", world=2)
+    with pytest.raises(InvalidInputError, match="drop --augment"):
+        learn_forget_vector(
+            ws.model, ws.data, ws.forget_split(ForgetSpec(percent=10)), replace(SMALL_MATCH, augment=True)
+        )
+    check_objective("margin", "class", world=2, augment=True)  # the authors' term: a per-image sum, any batches
+    check_objective("confidence", "random")
+
+
+def test_every_matching_objective_has_a_score() -> None:
+    assert set(OBJECTIVES) == {"margin", *SCORES}
 
 
 @pytest.mark.parametrize(

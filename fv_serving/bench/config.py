@@ -110,7 +110,7 @@ class BenchConfig:
             quick=True,
         )
 
-    def vector_for(self, scenario: str) -> VectorConfig:
+    def vector_config_for(self, scenario: str) -> VectorConfig:
         """The forget vectors' settings for a task of this scenario."""
         return self.random_vector if scenario == "random" else self.vector
 

@@ -18,7 +18,8 @@ from fv_serving.bench.machine import load_average, machine_info
 
 
 def provenance(load_start: list[float], **versions: str) -> dict[str, Any]:
-    """date, command and machine (with the load average at the start and now, and the given package versions)."""
+    """date (now: call it when the report is written), command and machine (the load average at the start
+    and now, and the given package versions)."""
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),

@@ -257,7 +257,7 @@ def run_task(ctx: BenchContext, task: Task) -> dict[str, Any]:
         add(grid.method, result.model, result.seconds, result.params_changed, search, config=result.config)
 
     ctx.progress.set_postfix_str(f"{task.name}: forget vector")
-    settings = config.vector_for(task.scenario)
+    settings = config.vector_config_for(task.scenario)
     fv = learn_forget_vector(original, data, split, settings, device=device)
     delta = torch.from_numpy(fv.delta).to(device)
     add(FV, PerturbedClassifier(original, delta, settings.clamp), fv.seconds, 0, **_vector_row(fv))

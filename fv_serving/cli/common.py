@@ -36,7 +36,7 @@ def add_forget_target(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def add_vector_config(parser: argparse.ArgumentParser) -> None:
-    d = VectorConfig()
+    d, m = VectorConfig(), VectorConfig.match()
     g = parser.add_argument_group(
         "objective and optimiser (docs/method.md sec. 2; defaults: the fast preset, or match for random subsets)"
     )
@@ -51,10 +51,10 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--objective",
         choices=OBJECTIVES,
-        help="forget term: margin (the authors'), or confidence / loss matching for random subsets "
-        "(see fv_serving.matching)",
+        help=f"forget term: margin (the authors'), or confidence / loss matching for random subsets "
+        f"(see fv_serving.matching; default {d.objective}, --forget-percent: {m.objective})",
     )
-    g.add_argument("--beta", type=float, help=f"forget-term weight (default {d.beta})")
+    g.add_argument("--beta", type=float, help=f"forget-term weight (default {d.beta}; match preset {m.beta})")
     g.add_argument("--alpha", type=float, help=f"retain-term weight (default {d.alpha})")
     g.add_argument("--tau", type=float, help=f"margin floor (default {d.tau})")
     g.add_argument("--lam", type=float, help=f"norm regulariser weight (default {d.lam})")
@@ -71,7 +71,8 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--forget-fraction",
         type=float,
-        help=f"share of each drawn batch taken from the forget set ({d.forget_fraction})",
+        help=f"share of each drawn batch taken from the forget set (default {d.forget_fraction}: the natural "
+        f"share; match preset {m.forget_fraction})",
     )
     g.add_argument("--clamp", action="store_true", help="clamp x+delta to [0,1] (training, evaluation and export)")
     flips = g.add_mutually_exclusive_group()
@@ -96,10 +97,15 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def forget_kind(args: argparse.Namespace) -> str:
+    """ "random" for --forget-percent, else "class" (commands without a forget target learn class vectors)."""
+    return "random" if getattr(args, "forget_percent", None) is not None else "class"
+
+
 def vector_config(args: argparse.Namespace) -> VectorConfig:
-    kind = "random" if getattr(args, "forget_percent", None) is not None else "class"
+    """The preset (by default the task's: match for random subsets, fast for classes) with the given flags."""
     return with_overrides(
-        VectorConfig.preset(args.preset) if args.preset else VectorConfig.default_for(kind),
+        VectorConfig.preset(args.preset) if args.preset else VectorConfig.default_for(forget_kind(args)),
         objective=args.objective,
         beta=args.beta,
         alpha=args.alpha,

@@ -13,6 +13,7 @@ from fv_serving.cli.common import (
     add_graph_input,
     add_nproc,
     add_vector_config,
+    forget_kind,
     normalized_input,
     print_json,
     print_table,
@@ -112,7 +113,7 @@ def _learn_for_onnx(args: argparse.Namespace) -> tuple[ForgetVector, ForgetSpec,
 
 def cmd_learn(args: argparse.Namespace) -> int:
     from fv_serving.distributed import launch, process_group
-    from fv_serving.matching import refuse_data_parallel
+    from fv_serving.matching import check_objective
     from fv_serving.pipeline import learn_vector, open_workspace, resolve_device
 
     if args.onnx:
@@ -120,14 +121,15 @@ def cmd_learn(args: argparse.Namespace) -> int:
         return _report_learned(args, learned, forget, results, world=1)
     if args.input_name or args.normalized_input or args.data != "fashion-mnist":
         raise InvalidInputError("--data, --input-name and --normalized-input describe an --onnx graph")
+    config = vector_config(args)
+    check_objective(config.objective, forget_kind(args), world=args.nproc, augment=config.augment)
     if args.nproc > 1:
-        refuse_data_parallel(vector_config(args).objective, args.nproc)
         return launch(args.nproc, torchrun_argv(args))
     with process_group(resolve_device(args.device)) as (dist, device):
         ws = open_workspace(args.classifier, args.data_root, device)
         spec = _forget_spec(args, ws)
         assert spec is not None
-        vector, metrics = learn_vector(ws, spec, vector_config(args), args.out, evaluate=not args.no_eval, dist=dist)
+        vector, metrics = learn_vector(ws, spec, config, args.out, evaluate=not args.no_eval, dist=dist)
     return _report_learned(args, vector, spec, metrics, dist.world) if dist.is_main else 0
 
 
@@ -149,8 +151,12 @@ def _report_learned(
     if stop["chosen_epoch"] == 0:
         print(
             "warning: no point of the run came closer to the stopping rule than the unperturbed model, "
-            "so the vector is zero (for random subsets with the margin objective this is expected: "
-            "use the match preset; see README, Results)"
+            "so the vector is zero"
+            + (
+                " (for random subsets the margin objective rarely helps: try the default match preset)"
+                if spec.kind == "random" and config.objective == "margin"
+                else ""
+            )
         )
     if "UA" in metrics:
         print_table({"forget vector": metrics}, METRIC_NAMES)
@@ -160,8 +166,10 @@ def _report_learned(
 
 def cmd_bank(args: argparse.Namespace) -> int:
     from fv_serving.distributed import launch, process_group
+    from fv_serving.matching import check_objective
     from fv_serving.pipeline import bank_figure, learn_bank, open_workspace, resolve_device
 
+    check_objective(vector_config(args).objective, "class")
     if args.nproc > 1:
         return launch(args.nproc, torchrun_argv(args))
     with process_group(resolve_device(args.device)) as (dist, device):
