@@ -152,8 +152,9 @@ class VectorConfig:
         settings, `BenchConfig.random_vector`) chose it on the hold-out for both of its
         random tasks when it was set, and it has the best mean Avg. Gap of the sweep's 16
         settings in the committed rerun (where the hold-out chose it for one task of two).
-        These fast-preset batches themselves were not measured against Retrain. A quarter of each batch comes from D_f, so that the forget term compares
-        enough scores per batch (a 10% forget set gives ~13 of 128).
+        These fast-preset batches themselves were not measured against Retrain. A quarter
+        of each batch comes from D_f, so that the forget term compares enough scores per
+        batch (a 10% forget set gives ~13 of 128).
         """
         return cls(objective="confidence", beta=3.0, forget_fraction=0.25)
 
