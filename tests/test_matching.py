@@ -105,3 +105,16 @@ def test_fv_learn_picks_the_match_preset_for_random_subsets(argv: list[str], obj
     add_vector_config(parser)
     config = vector_config(parser.parse_args(argv))
     assert (config.objective, config.beta) == (objective, beta)
+
+
+def test_fv_learn_says_when_there_is_nothing_to_forget(tiny_classifier_path, tmp_path, capsys) -> None:
+    """A rule the unperturbed model already meets (here: any gap tolerated) gives the zero vector, said plainly."""
+    from fv_serving.cli.main import main
+    from fv_serving.vectors import load_vector
+
+    out = tmp_path / "v.safetensors"
+    argv = ["learn", "--classifier", str(tiny_classifier_path), "--forget-percent", "10", "--match-tolerance", "100"]
+    assert main([*argv, "--no-eval", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "already meets the stopping rule" in printed and "nothing to forget" in printed
+    assert float(abs(load_vector(out).delta).max()) == 0.0

@@ -148,7 +148,13 @@ def _report_learned(
     )
     if not stop["rule_met"]:
         print(f"warning: the stopping rule ({config.rule(goal_for(spec.kind)).describe()}) was not met")
-    if stop["chosen_epoch"] == 0:
+    if stop["chosen_epoch"] == 0 and stop["rule_met"]:
+        print(
+            "warning: the unperturbed model already meets the stopping rule, so the vector is zero: "
+            "there is nothing to forget (a model that did not memorise a random subset already treats it "
+            "like unseen data)"
+        )
+    elif stop["chosen_epoch"] == 0:
         print(
             "warning: no point of the run came closer to the stopping rule than the unperturbed model, "
             "so the vector is zero"
