@@ -31,6 +31,7 @@ from fv_serving.config import (
     DEFAULT_VAL_SIZE,
     METRIC_NAMES,
     TrainConfig,
+    VectorConfig,
     combination_config,
     with_overrides,
 )
@@ -86,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _learn_for_onnx(args: argparse.Namespace) -> tuple[ForgetVector, ForgetSpec, dict[str, Any]]:
+def _learn_for_onnx(args: argparse.Namespace, config: VectorConfig) -> tuple[ForgetVector, ForgetSpec, dict[str, Any]]:
     """`fv learn --onnx`: a vector for the user's own classifier graph (fv_serving/byo.py)."""
     from fv_serving.byo import learn_vector_for_onnx
     from fv_serving.data import ForgetSpec
@@ -99,7 +100,7 @@ def _learn_for_onnx(args: argparse.Namespace) -> tuple[ForgetVector, ForgetSpec,
     vector, metrics = learn_vector_for_onnx(
         args.onnx,
         forget,
-        vector_config(args),
+        config,
         args.out,
         data=args.data,
         data_root=args.data_root,
@@ -116,12 +117,12 @@ def cmd_learn(args: argparse.Namespace) -> int:
     from fv_serving.matching import check_objective
     from fv_serving.pipeline import learn_vector, open_workspace, resolve_device
 
+    config = vector_config(args)
     if args.onnx:
-        learned, forget, results = _learn_for_onnx(args)
-        return _report_learned(args, learned, forget, results, world=1)
+        learned, forget, results = _learn_for_onnx(args, config)
+        return _report_learned(args, config, learned, forget, results, world=1)
     if args.input_name or args.normalized_input or args.data != "fashion-mnist":
         raise InvalidInputError("--data, --input-name and --normalized-input describe an --onnx graph")
-    config = vector_config(args)
     check_objective(config.objective, forget_kind(args), world=args.nproc, augment=config.augment)
     if args.nproc > 1:
         return launch(args.nproc, torchrun_argv(args))
@@ -130,15 +131,19 @@ def cmd_learn(args: argparse.Namespace) -> int:
         spec = _forget_spec(args, ws)
         assert spec is not None
         vector, metrics = learn_vector(ws, spec, config, args.out, evaluate=not args.no_eval, dist=dist)
-    return _report_learned(args, vector, spec, metrics, dist.world) if dist.is_main else 0
+    return _report_learned(args, config, vector, spec, metrics, dist.world) if dist.is_main else 0
 
 
 def _report_learned(
-    args: argparse.Namespace, vector: ForgetVector, spec: ForgetSpec, metrics: dict[str, Any], world: int
+    args: argparse.Namespace,
+    config: VectorConfig,
+    vector: ForgetVector,
+    spec: ForgetSpec,
+    metrics: dict[str, Any],
+    world: int,
 ) -> int:
     from fv_serving.stopping import goal_for
 
-    config = vector_config(args)
     stop = metrics["stopping"]
     processes = f" on {world} processes" if world > 1 else ""
     print(
