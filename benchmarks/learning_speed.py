@@ -39,7 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fv_serving.bench.machine import load_average
-from fv_serving.bench.record import provenance, write_report
+from fv_serving.bench.record import torch_provenance, write_report
+from fv_serving.bench.report import ordered, vector_settings
 from fv_serving.config import METRIC_NAMES, VectorConfig
 from fv_serving.data import ForgetSpec
 from fv_serving.metrics import evaluate_unlearning
@@ -153,26 +154,10 @@ def processes(classifier: Path, classes: list[int], work: Path) -> dict[str, Any
     return out
 
 
-def describe(c: dict[str, Any]) -> str:
-    """A preset in one phrase (from its JSON form)."""
-    optimiser = f"SGD lr {c['lr']} momentum {c['momentum']}" if c["optimizer"] == "sgd" else f"Adam lr {c['lr']}"
-    if c["steps_per_epoch"] is None:
-        batches = f"batch {c['batch_size']}, passes over D_f + D_r, at most {c['max_epochs']} epochs"
-    else:
-        share = "natural proportion" if c["forget_fraction"] is None else f"{c['forget_fraction']:.0%} from D_f"
-        batches = (
-            f"batch {c['batch_size']} drawn at random ({share}), epochs of {c['steps_per_epoch']} steps, "
-            f"at most {c['max_epochs']}"
-        )
-    holdout = "all hold-out" if c["holdout_size"] is None else f"{c['holdout_size']} hold-out (confirmed on all)"
-    return (
-        f"{optimiser}, {batches}, lr x{c['gamma']} per epoch, {c['checks_per_epoch']} checks per epoch on "
-        f"{c['monitor_size']} forget + {holdout} images, retain margin {c['retain_margin']}"
-    )
-
-
 def markdown(result: dict[str, Any]) -> str:
     m = result["machine"]
+    # The JSON file sorts keys: rows take their order from ROWS.
+    presets = {p: result["presets"][p] for p in ordered(list(result["presets"]), [row.name for row in ROWS])}
     train = result["classifier"]
     lines = [
         f"# Forget-vector learning cost on Fashion-MNIST ({result['date']})",
@@ -190,7 +175,7 @@ def markdown(result: dict[str, Any]) -> str:
         "| hold-out drop (rule) | rule met | accepted |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for preset, rows in result["presets"].items():
+    for preset, rows in presets.items():
         for r in rows:
             v = r["vector"]
             lines.append(
@@ -200,8 +185,8 @@ def markdown(result: dict[str, Any]) -> str:
                 + ("yes" if r["accepted"] else "no")
                 + " |"
             )
-    totals = {p: sum(r["seconds"] for r in rows) for p, rows in result["presets"].items()}
-    gaps = [r["RA_drop"] - r["holdout_drop"] for rows in result["presets"].values() for r in rows]
+    totals = {p: sum(r["seconds"] for r in rows) for p, rows in presets.items()}
+    gaps = [r["RA_drop"] - r["holdout_drop"] for rows in presets.values() for r in rows]
     lines += [
         "",
         "Totals: "
@@ -214,13 +199,13 @@ def markdown(result: dict[str, Any]) -> str:
         "Original model per class (UA / RA / TA / MIA): "
         + "; ".join(
             f"{r['class']} " + " / ".join(str(r["original"][k]) for k in METRIC_NAMES)
-            for r in next(iter(result["presets"].values()))
+            for r in next(iter(presets.values()))
         ),
         "",
         f"Acceptance (fast preset, every class): time <= {RATIO_LIMIT}x training, UA >= 99, MIA >= 99, "
         f"RA and TA drop <= 1 point: **{'met' if result['accepted'] else 'NOT met'}**.",
         "",
-        "Settings: " + "; ".join(f"{p}: {describe(result['configs'][p])}" for p in result["presets"]) + ".",
+        "Settings: " + "; ".join(f"{p}: {vector_settings(result['configs'][p])}" for p in presets) + ".",
     ]
     proc = result.get("processes")
     if proc:
@@ -260,7 +245,7 @@ def tune(ws: Workspace, classes: list[int], work: Path, out: Path, load_start: l
                 {"class": ws.data.class_names[c], "seconds": round(time.perf_counter() - start, 2), **stop}
             )
     result = {
-        **provenance(load_start, torch=torch.__version__, torch_threads=str(torch.get_num_threads())),
+        **torch_provenance(load_start),
         "classes": [ws.data.class_names[c] for c in classes],
         "grid": TUNING_GRID,
         "rows": rows,
@@ -326,7 +311,7 @@ def main() -> int:
     if not args.no_processes:
         result["processes"] = processes(classifier, args.classes, work)
     result = {
-        **provenance(load_start, torch=torch.__version__, torch_threads=str(torch.get_num_threads())),
+        **torch_provenance(load_start),
         "seconds": round(time.perf_counter() - start, 1),
         **result,
     }

@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from fv_serving.bench.config import BenchConfig
 from fv_serving.bench.machine import load_average
-from fv_serving.bench.record import provenance, write_report
-from fv_serving.bench.report import METHOD_ORDER, ORIGINAL, RETRAIN, ordered
+from fv_serving.bench.record import torch_provenance, write_report
+from fv_serving.bench.report import METHOD_ORDER, ORIGINAL, RETRAIN, ordered, vector_settings
 from fv_serving.bench.runner import BenchContext, bench_tasks, resolve_split, run_task, task_split, train_original
 from fv_serving.config import METRIC_NAMES, VectorConfig
 from fv_serving.data import load_dataset
@@ -115,15 +115,15 @@ def sweep_task(ctx: BenchContext, task: Any, bench_rows: dict[str, Any]) -> dict
     }
 
 
+CHOSEN = "universal vector, chosen on the hold-out"
+BEST_BY_TEST = "universal vector, best of the sweep by the test set (not a valid choice)"
+
+
 def summary(tasks: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean Avg. Gap over tasks: the benchmark's rows, the chosen vector, and the sweep's best by the test set."""
     out = {m: float(np.mean([t["bench_rows"][m]["avg_gap"] for t in tasks])) for m in tasks[0]["bench_rows"]}
-    out["universal vector, chosen on the hold-out"] = float(
-        np.mean([t["sweep"][t["chosen"]]["avg_gap"] for t in tasks])
-    )
-    out["universal vector, best of the sweep by the test set (not a valid choice)"] = float(
-        np.mean([t["sweep"][t["best_by_test_not_a_choice"]]["avg_gap"] for t in tasks])
-    )
+    out[CHOSEN] = float(np.mean([t["sweep"][t["chosen"]]["avg_gap"] for t in tasks]))
+    out[BEST_BY_TEST] = float(np.mean([t["sweep"][t["best_by_test_not_a_choice"]]["avg_gap"] for t in tasks]))
     per_setting = {n: float(np.mean([t["sweep"][n]["avg_gap"] for t in tasks])) for n in tasks[0]["sweep"]}
     return {
         "avg_gap": {k: round(v, 3) for k, v in out.items()},
@@ -132,7 +132,7 @@ def summary(tasks: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m, summ = result["machine"], result["summary"]
+    m, summ, base = result["machine"], result["summary"], result["base_config"]
     gaps = summ["avg_gap"]
     lines = [
         "# Random-subset forgetting with a universal vector: an objective aimed at indistinguishability",
@@ -142,7 +142,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"- machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} thread), "
         f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end",
         f"- setting: `fv bench unlearning` defaults: {result['setting']}",
-        f"- sweep: {len(result['settings'])} settings (objective x beta x lr), runs of {result['base_config_text']}",
+        f"- sweep: {len(result['settings'])} settings (objective x beta x lr), runs of "
+        f"{vector_settings(base)}; objective, beta and lr as each row names them, alpha {base['alpha']}, "
+        f"lambda {base['lam']}",
         "- choice per task on the hold-out half H_B only: the vector closest to the stopping rule "
         f"'{result['rule']}'; H_A (the other half) is the objective's reference of unseen data",
         "",
@@ -151,7 +153,8 @@ def markdown(result: dict[str, Any]) -> str:
         "| method | Avg. Gap |",
         "|---|---|",
     ]
-    lines += [f"| {m} | {v:.2f} |" for m, v in gaps.items()]
+    # The JSON file sorts keys: tables take their order from METHOD_ORDER and the sweep's settings.
+    lines += [f"| {m} | {gaps[m]:.2f} |" for m in ordered(list(gaps), (*METHOD_ORDER, CHOSEN, BEST_BY_TEST))]
     for task in result["tasks"]:
         lines += [
             "",
@@ -160,9 +163,11 @@ def markdown(result: dict[str, Any]) -> str:
             "| method | UA | RA | TA | MIA | Avg. Gap | hold-out distance to the rule |",
             "|---|---|---|---|---|---|---|",
         ]
-        for m, r in task["bench_rows"].items():
+        for m in ordered(list(task["bench_rows"]), METHOD_ORDER):
+            r = task["bench_rows"][m]
             lines.append(f"| {m} | " + " | ".join(f"{r[k]:.2f}" for k in (*METRIC_NAMES, "avg_gap")) + " | |")
-        for name, r in task["sweep"].items():
+        for name in [n for n in result["settings"] if n in task["sweep"]]:
+            r = task["sweep"][name]
             mark = " **(chosen)**" if name == task["chosen"] else ""
             lines.append(
                 f"| vector: {name}{mark} | "
@@ -175,8 +180,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 def conclusion(gaps: dict[str, float]) -> str:
     original = gaps[ORIGINAL]
-    chosen = gaps["universal vector, chosen on the hold-out"]
-    best = gaps["universal vector, best of the sweep by the test set (not a valid choice)"]
+    chosen = gaps[CHOSEN]
+    best = gaps[BEST_BY_TEST]
     if chosen < original:
         return (
             f"Conclusion: the universal vector chosen on the hold-out beats doing nothing "
@@ -214,7 +219,7 @@ def main() -> int:
     summ = summary(tasks)
     base = config.random_vector
     report = {
-        **provenance(load_start, torch=torch.__version__, torch_threads=str(torch.get_num_threads())),
+        **torch_provenance(load_start),
         "wall_seconds": round(time.perf_counter() - start, 1),
         "setting": (
             f"{data.name}, {config.arch}, original trained on {original['train_size']} images "
@@ -224,11 +229,6 @@ def main() -> int:
         "original": original,
         "settings": [s.name for s in settings()],
         "base_config": base.to_json(),
-        "base_config_text": (
-            f"{base.optimizer}, batch {base.batch_size} ({base.forget_fraction:.0%} from D_f, no flips), "
-            f"{base.steps_per_epoch} steps x {base.max_epochs} epochs, lr decay {base.gamma}/epoch, "
-            f"{base.checks_per_epoch} checks/epoch, alpha {base.alpha}, lambda {base.lam}"
-        ),
         "rule": base.rule("match").describe(),
         "tasks": tasks,
         "summary": summ,

@@ -27,6 +27,16 @@ def provenance(load_start: list[float], **versions: str) -> dict[str, Any]:
     }
 
 
+def torch_provenance(load_start: list[float]) -> dict[str, Any]:
+    """`provenance` with torch's version and intra-op threads (a learning figure depends on both).
+
+    torch is imported here, not at the top: serving benchmarks record through this module without it.
+    """
+    import torch
+
+    return provenance(load_start, torch=torch.__version__, torch_threads=str(torch.get_num_threads()))
+
+
 def write_report(
     out_dir: Path, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str], name: str = "results"
 ) -> None:

@@ -220,24 +220,32 @@ def _recipe(train: dict[str, Any]) -> str:
     )
 
 
-def _vector_recipe(vector: dict[str, Any]) -> str:
-    optimiser = (
-        f"SGD lr {vector['lr']} momentum {vector['momentum']}"
-        if vector["optimizer"] == "sgd"
-        else f"Adam lr {vector['lr']}"
-    )
-    share = "natural share" if vector["forget_fraction"] is None else f"{vector['forget_fraction']:.0%}"
-    batches = (
-        f"passes over D_f + D_r in batches of {vector['batch_size']}"
-        if vector["steps_per_epoch"] is None
-        else f"{vector['steps_per_epoch']} drawn batches of {vector['batch_size']} ({share} from D_f) per epoch"
-    )
+def vector_terms(config: dict[str, Any]) -> str:
+    """A `VectorConfig`'s loss (from its JSON form) in one phrase: forget term and weights."""
+    c = config
+    return f"{c['objective']} forget term, beta {c['beta']}, alpha {c['alpha']}, tau {c['tau']}, lambda {c['lam']}"
+
+
+def vector_settings(config: dict[str, Any]) -> str:
+    """How a `VectorConfig` (JSON form) optimises and stops, in one phrase: every results page describes
+    its vectors with this one, so that two pages' settings lines can be compared word for word."""
+    c = config
+    optimiser = f"SGD lr {c['lr']} momentum {c['momentum']}" if c["optimizer"] == "sgd" else f"Adam lr {c['lr']}"
+    if c["steps_per_epoch"] is None:
+        batches = f"passes over D_f + D_r in batches of {c['batch_size']}"
+    else:
+        share = "natural proportion" if c["forget_fraction"] is None else f"{c['forget_fraction']:.0%} from D_f"
+        batches = f"batches of {c['batch_size']} drawn at random ({share}), epochs of {c['steps_per_epoch']} steps"
+    holdout = "all hold-out" if c["holdout_size"] is None else f"{c['holdout_size']} hold-out (confirmed on all)"
     return (
-        f"{vector['objective']} forget term, beta {vector['beta']}, alpha {vector['alpha']}, tau {vector['tau']}, "
-        f"lambda {vector['lam']}, {optimiser}, ExponentialLR {vector['gamma']}, {batches}, "
-        f"at most {vector['max_epochs']} epochs, {vector['checks_per_epoch']} stopping-rule checks per epoch; "
-        f"retain floor {vector['retain_margin']} points of validation accuracy ('no retain floor' rows: none)"
+        f"{optimiser}, {batches}{', flips' if c['augment'] else ''}, at most {c['max_epochs']} epochs, "
+        f"lr x{c['gamma']} per epoch, {c['checks_per_epoch']} checks per epoch on {c['monitor_size']} forget + "
+        f"{holdout} images, retain margin {c['retain_margin']}"
     )
+
+
+def _vector_recipe(vector: dict[str, Any]) -> str:
+    return f"{vector_terms(vector)}; {vector_settings(vector)} ('no retain floor' rows: none)"
 
 
 def _stopping_lines(report: dict[str, Any]) -> list[str]:
