@@ -8,7 +8,7 @@ Measures, in one run, with the library calls the CLI uses:
   3. 10% random forgetting against a Retrain model, with an original that has
      memorised its (subset of the) training data, so that the task means something.
 
-    python benchmarks/quality.py            # ~30-40 min on 2 CPU cores
+    python benchmarks/quality.py            # ~30 min on 2 CPU cores
 Writes benchmarks/results/quality/{quality.json, quality.md} and PNGs.
 """
 
@@ -17,15 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fv_serving.atomic import write_bytes_atomic, write_json_atomic
-from fv_serving.bench.machine import load_average, machine_info
-from fv_serving.config import METRIC_NAMES, TrainConfig, VectorConfig, combination_config
+from fv_serving.bench.machine import load_average
+from fv_serving.bench.record import torch_provenance, write_report
+from fv_serving.bench.report import vector_settings, vector_terms
+from fv_serving.config import METRIC_NAMES, TrainConfig, VectorConfig, combination_config, with_overrides
 from fv_serving.data import ForgetSpec, SplitSpec
 from fv_serving.metrics import evaluate_unlearning
 from fv_serving.models import PerturbedClassifier
@@ -123,20 +123,18 @@ def random_forgetting(
     }
 
 
-def _machine_text(m: dict[str, Any]) -> str:
-    return (
-        f"{m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch_threads']} thread(s)), {m['platform']}, "
-        f"load average at start {m['load_average_at_start']}"
-    )
-
-
 def markdown(result: dict[str, Any]) -> str:
+    m = result["machine"]
     lines = [
         f"# Forget-vector quality on Fashion-MNIST ({result['date']})",
         "",
-        f"Machine: {_machine_text(result['machine'])}.",
+        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} thread(s)), "
+        f"{m['platform']}, load average {m['loadavg_start']} at start, {m['loadavg_end']} at end.",
         f"Command: `{result['command']}`. Wall time {result['seconds']:.0f} s.",
-        f"Stopping rule: retain margin {result['vector_config']['retain_margin']} points.",
+        "",
+        f"Class-wise vectors: {vector_terms(result['vector_config'])}; {vector_settings(result['vector_config'])}.",
+        f"Random-subset vector: {vector_terms(result['random_vector_config'])}; "
+        f"{vector_settings(result['random_vector_config'])}.",
         "",
         "## Class-wise forgetting (original -> forget vector)",
         "",
@@ -180,6 +178,13 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for name, r in rnd["rows"].items():
         lines.append(f"| {name} | {r['UA']} | {r['RA']} | {r['TA']} | {r['MIA']} | {r['avg_gap']} |")
+    stop = rnd["vector_stopping"]
+    lines += [
+        "",
+        f"The vector {'met' if stop['rule_met'] else 'did NOT meet'} its stopping rule "
+        f"({stop['steps_run']} steps, {stop['seconds']} s; hold-out half {stop['holdout_acc']}%, forget monitor "
+        f"{stop['forget_acc_monitor']}%).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -200,30 +205,23 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     out, work = Path(args.out_dir), Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    load_start, start = load_average(), time.perf_counter()
     classifier = Path(args.classifier) if args.classifier else work / "classifier.safetensors"
     if not args.classifier:
         train_model("fashion-mnist", classifier)
     ws = open_workspace(classifier)
-    config = VectorConfig(retain_margin=args.retain_margin)
+    # Each task's default (`fv learn`'s): the fast preset for classes, distribution matching for a random subset.
+    config = with_overrides(VectorConfig.default_for("class"), retain_margin=args.retain_margin)
+    random_config = with_overrides(VectorConfig.default_for("random"), retain_margin=args.retain_margin)
     result: dict[str, Any] = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            **machine_info(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": load_average(),
-        },
-        "command": "python " + " ".join(sys.argv),
         "classifier": ws.loaded.info["accuracy"],
         "vector_config": config.to_json(),
+        "random_vector_config": random_config.to_json(),
         "class_wise": class_wise(ws, work, config, args.classes, args.compose),
-        "random": random_forgetting(work, config, args.random_train_size, args.random_epochs, 10.0, 0),
+        "random": random_forgetting(work, random_config, args.random_train_size, args.random_epochs, 10.0, 0),
     }
     result["seconds"] = round(time.perf_counter() - start, 1)
-    write_json_atomic(out / "quality.json", result)
-    text = markdown(result)
-    write_bytes_atomic(out / "quality.md", text.encode())
-    print(text)
+    write_report(out, {**torch_provenance(load_start), **result}, markdown, name="quality")
     return 0
 
 
