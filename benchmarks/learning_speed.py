@@ -39,8 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fv_serving.bench.machine import load_average
-from fv_serving.bench.record import torch_provenance, write_report
-from fv_serving.bench.report import ordered, vector_settings
+from fv_serving.bench.record import torch_provenance, vector_settings, write_report
+from fv_serving.bench.report import ordered
 from fv_serving.config import METRIC_NAMES, VectorConfig
 from fv_serving.data import ForgetSpec
 from fv_serving.metrics import evaluate_unlearning

@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from fv_serving.bench.machine import load_average
-from fv_serving.bench.record import torch_provenance, write_report
-from fv_serving.bench.report import vector_settings, vector_terms
+from fv_serving.bench.record import torch_provenance, vector_settings, vector_terms, write_report
 from fv_serving.config import METRIC_NAMES, TrainConfig, VectorConfig, combination_config, with_overrides
 from fv_serving.data import ForgetSpec, SplitSpec
 from fv_serving.metrics import evaluate_unlearning

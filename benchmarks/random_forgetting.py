@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 
 from fv_serving.bench.config import BenchConfig
 from fv_serving.bench.machine import load_average
-from fv_serving.bench.record import torch_provenance, write_report
-from fv_serving.bench.report import METHOD_ORDER, ORIGINAL, RETRAIN, ordered, vector_settings
+from fv_serving.bench.record import torch_provenance, vector_settings, write_report
+from fv_serving.bench.report import METHOD_ORDER, ORIGINAL, RETRAIN, ordered
 from fv_serving.bench.runner import BenchContext, bench_tasks, resolve_split, run_task, task_split, train_original
 from fv_serving.config import METRIC_NAMES, VectorConfig
 from fv_serving.data import load_dataset

@@ -1,7 +1,8 @@
 """What a benchmark script records with its figures, and how it writes them: one json and one md per run.
 
 Every results file says when it was made, by which command, on which machine and
-under what load (the cores are shared: a figure measured at load 3 is marked so).
+under what load (the cores are shared: a figure measured at load 3 is marked so),
+and describes its vectors' settings in the same words as every other page.
 """
 
 from __future__ import annotations
@@ -48,3 +49,27 @@ def write_report(
     write_bytes_atomic(md_path, text.encode())
     print(text)
     print(f"wrote {json_path} and {md_path}")
+
+
+def vector_terms(config: dict[str, Any]) -> str:
+    """A `VectorConfig`'s loss (from its JSON form) in one phrase: forget term and weights."""
+    c = config
+    return f"{c['objective']} forget term, beta {c['beta']}, alpha {c['alpha']}, tau {c['tau']}, lambda {c['lam']}"
+
+
+def vector_settings(config: dict[str, Any]) -> str:
+    """How a `VectorConfig` (JSON form) optimises and stops, in one phrase: every results page describes
+    its vectors with this one, so that two pages' settings lines can be compared word for word."""
+    c = config
+    optimiser = f"SGD lr {c['lr']} momentum {c['momentum']}" if c["optimizer"] == "sgd" else f"Adam lr {c['lr']}"
+    if c["steps_per_epoch"] is None:
+        batches = f"passes over D_f + D_r in batches of {c['batch_size']}"
+    else:
+        share = "natural proportion" if c["forget_fraction"] is None else f"{c['forget_fraction']:.0%} from D_f"
+        batches = f"batches of {c['batch_size']} drawn at random ({share}), epochs of {c['steps_per_epoch']} steps"
+    holdout = "all hold-out" if c["holdout_size"] is None else f"{c['holdout_size']} hold-out (confirmed on all)"
+    return (
+        f"{optimiser}, {batches}{', flips' if c['augment'] else ''}, at most {c['max_epochs']} epochs, "
+        f"lr x{c['gamma']} per epoch, {c['checks_per_epoch']} checks per epoch on {c['monitor_size']} forget + "
+        f"{holdout} images, retain margin {c['retain_margin']}"
+    )

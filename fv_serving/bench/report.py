@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from fv_serving.atomic import write_bytes_atomic, write_json_atomic
+from fv_serving.bench.record import vector_settings, vector_terms
 from fv_serving.config import COMBINATION_LAM, COMBINATION_LR, METRIC_NAMES
 
 RESULT_NAME = "unlearning"
@@ -217,30 +218,6 @@ def _recipe(train: dict[str, Any]) -> str:
         f"{train['lr']}, batch {train['batch_size']}, {train['epochs']} epochs, "
         + ("with augmentation" if train["augment"] else "no augmentation")
         + f", seed {train['seed']}"
-    )
-
-
-def vector_terms(config: dict[str, Any]) -> str:
-    """A `VectorConfig`'s loss (from its JSON form) in one phrase: forget term and weights."""
-    c = config
-    return f"{c['objective']} forget term, beta {c['beta']}, alpha {c['alpha']}, tau {c['tau']}, lambda {c['lam']}"
-
-
-def vector_settings(config: dict[str, Any]) -> str:
-    """How a `VectorConfig` (JSON form) optimises and stops, in one phrase: every results page describes
-    its vectors with this one, so that two pages' settings lines can be compared word for word."""
-    c = config
-    optimiser = f"SGD lr {c['lr']} momentum {c['momentum']}" if c["optimizer"] == "sgd" else f"Adam lr {c['lr']}"
-    if c["steps_per_epoch"] is None:
-        batches = f"passes over D_f + D_r in batches of {c['batch_size']}"
-    else:
-        share = "natural proportion" if c["forget_fraction"] is None else f"{c['forget_fraction']:.0%} from D_f"
-        batches = f"batches of {c['batch_size']} drawn at random ({share}), epochs of {c['steps_per_epoch']} steps"
-    holdout = "all hold-out" if c["holdout_size"] is None else f"{c['holdout_size']} hold-out (confirmed on all)"
-    return (
-        f"{optimiser}, {batches}{', flips' if c['augment'] else ''}, at most {c['max_epochs']} epochs, "
-        f"lr x{c['gamma']} per epoch, {c['checks_per_epoch']} checks per epoch on {c['monitor_size']} forget + "
-        f"{holdout} images, retain margin {c['retain_margin']}"
     )
 
 
