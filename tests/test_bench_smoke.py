@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fv_serving.bench.report import format_markdown
 from fv_serving.cli.main import main
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -104,6 +105,8 @@ def test_quick_benchmark_on_cifar_fixture_writes_json_md_png(cifar_root: Path, t
     assert report["selection"]["random 10% seed 0"]["GA"]["kind"] == "random"
     for method in ("FT", "GA", "RL", "l1-sparse", "SalUn"):
         assert f"| {method} |" in markdown
+    # The JSON file sorts its keys: the page re-rendered from it is the page the run wrote.
+    assert format_markdown(report) == markdown
 
 
 def test_pair_outside_the_class_tasks_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
