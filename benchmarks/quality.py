@@ -24,8 +24,10 @@ import torch
 
 from fv_serving.bench.machine import load_average
 from fv_serving.bench.record import torch_provenance, vector_settings, vector_terms, write_report
+from fv_serving.bench.report import ordered
 from fv_serving.config import METRIC_NAMES, TrainConfig, VectorConfig, combination_config, with_overrides
 from fv_serving.data import ForgetSpec, SplitSpec
+from fv_serving.datasets import FASHION_MNIST_CLASSES
 from fv_serving.metrics import evaluate_unlearning
 from fv_serving.models import PerturbedClassifier
 from fv_serving.pipeline import (
@@ -37,6 +39,9 @@ from fv_serving.pipeline import (
     open_workspace,
     train_model,
 )
+
+COMPOSITION_MODES = ("sum", "learned")
+RANDOM_ROWS = ("original", "retrain", "forget vector")
 
 
 def _row(metrics: Any) -> dict[str, float]:
@@ -70,7 +75,7 @@ def class_wise(
             "stopping": bank.metrics["per_class_stopping"][str(c)],
         }
     composed: dict[str, Any] = {}
-    for mode in ("sum", "learned"):
+    for mode in COMPOSITION_MODES:
         t0 = time.perf_counter()
         vector, metrics = compose_vector(
             bank, compose, mode, out / f"compose_{mode}.safetensors", ws=ws, config=combination_config(config)
@@ -140,7 +145,10 @@ def markdown(result: dict[str, Any]) -> str:
         "| class | UA | RA | TA | MIA | RA drop | TA drop |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, r in result["class_wise"]["classes"].items():
+    # The JSON file sorts keys: tables take their order from the data set's classes and the constants above.
+    classes = result["class_wise"]["classes"]
+    for name in ordered(list(classes), FASHION_MNIST_CLASSES):
+        r = classes[name]
         o, v = r["original"], r["forget vector"]
         lines.append(
             f"| {name} | {o['UA']} -> **{v['UA']}** | {o['RA']} -> {v['RA']} | {o['TA']} -> {v['TA']} | "
@@ -155,7 +163,8 @@ def markdown(result: dict[str, Any]) -> str:
         "| composition | " + " | ".join(f"UA {n}" for n in names) + " | RA | TA | MIA | time (s) |",
         "|---|" + "---|" * (len(names) + 4),
     ]
-    for mode, r in comp.items():
+    for mode in COMPOSITION_MODES:
+        r = comp[mode]
         label = "zero-shot sum" if mode == "sum" else "learned coefficients"
         lines.append(
             f"| {label} | "
@@ -175,7 +184,8 @@ def markdown(result: dict[str, Any]) -> str:
         "| model | UA | RA | TA | MIA | Avg. Gap |",
         "|---|---|---|---|---|---|",
     ]
-    for name, r in rnd["rows"].items():
+    for name in ordered(list(rnd["rows"]), RANDOM_ROWS):
+        r = rnd["rows"][name]
         lines.append(f"| {name} | {r['UA']} | {r['RA']} | {r['TA']} | {r['MIA']} | {r['avg_gap']} |")
     stop = rnd["vector_stopping"]
     lines += [
