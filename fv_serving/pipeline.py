@@ -38,6 +38,7 @@ from fv_serving.models import (
     LoadedClassifier,
     ModelSpec,
     PerturbedClassifier,
+    channels_last,
     freeze,
     load_classifier,
     save_classifier,
@@ -83,6 +84,7 @@ class Workspace:
 def open_workspace(classifier: str | Path, data_root: str | Path | None = None, device: str = "cpu") -> Workspace:
     device = resolve_device(device)
     loaded = load_classifier(classifier, device=device)
+    channels_last(loaded.model)  # learning, evaluation and baselines all run the classifier in torch
     info = loaded.info
     if "dataset" not in info or "split" not in info:
         raise InvalidInputError(f"{classifier} does not record its data set and split: was it written by `fv train`?")
@@ -136,7 +138,7 @@ def train_model(
         data.class_names,
     )
     torch.manual_seed(config.seed)
-    model = Classifier(spec).to(device)
+    model = channels_last(Classifier(spec).to(device))
     pool, val = split.indices(len(data.train))
     train_idx = pool if exclude is None else make_forget_split(data, split, exclude).retain
     history = train_classifier(

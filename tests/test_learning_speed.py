@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +13,16 @@ from conftest import FORGET_CLASS
 from fv_serving.config import VectorConfig
 from fv_serving.data import ForgetSpec, iterate_batches
 from fv_serving.errors import InvalidInputError
+from fv_serving.fingerprint import weights_digest
 from fv_serving.metrics import predict
-from fv_serving.models import PerturbedClassifier, fold_batchnorm
-from fv_serving.pipeline import Workspace
+from fv_serving.models import (
+    PerturbedClassifier,
+    channels_last,
+    fold_batchnorm,
+    load_classifier,
+    save_classifier,
+)
+from fv_serving.pipeline import Workspace, open_workspace
 from fv_serving.sampling import BatchPlan
 from fv_serving.unlearn import learn_forget_vector
 
@@ -90,6 +99,23 @@ def test_learning_runs_on_the_classifier_with_batchnorm_folded(tiny_workspace: W
 
     untraceable = Branching()
     assert fold_batchnorm(untraceable) is untraceable
+
+
+def test_channels_last_weights_are_the_same_classifier(tiny_classifier_path: Path, tmp_path: Path) -> None:
+    standard = load_classifier(tiny_classifier_path).model
+    assert all(p.is_contiguous() for p in standard.parameters())  # checkpoints load in the standard order
+    nhwc = channels_last(copy.deepcopy(standard))
+    convs = [p for p in nhwc.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs)
+    assert open_workspace(tiny_classifier_path).model.body[3].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(32, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(nhwc(x), standard(x), atol=1e-5)
+    assert weights_digest(nhwc) == weights_digest(standard)  # vectors keep matching the checkpoint
+    save_classifier(nhwc, tmp_path / "again.safetensors", {})
+    reloaded = load_classifier(tmp_path / "again.safetensors").model
+    assert all(p.is_contiguous() for p in reloaded.parameters())
+    assert weights_digest(reloaded) == weights_digest(standard)
 
 
 def test_fast_preset_meets_the_rule_on_far_fewer_samples(tiny_workspace: Workspace) -> None:
