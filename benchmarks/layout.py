@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fv_serving.bench.machine import load_average
-from fv_serving.bench.record import torch_provenance, write_report
+from fv_serving.bench.record import torch_machine_line, torch_provenance, write_report
 from fv_serving.config import ARCHITECTURES
 from fv_serving.models import Classifier, ModelSpec, channels_last, fold_batchnorm, freeze
 
@@ -93,12 +93,10 @@ def measure(arch: str, rounds: int) -> dict[str, dict[str, float]]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     lines = [
         f"# Weight memory order in torch: standard vs channels-last ({result['date']})",
         "",
-        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} thread(s)), "
-        f"load average {m['loadavg_start']} at start, {m['loadavg_end']} at end.",
+        torch_machine_line(result["machine"]) + ".",
         f"Command: `{result['command']}`. Architecture {result['arch']}, {result['rounds']} interleaved rounds.",
         "",
         "| operation | batch | standard (ms/image) | channels-last (ms/image) | channels-last / standard |",

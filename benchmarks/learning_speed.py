@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fv_serving.bench.machine import load_average
-from fv_serving.bench.record import torch_provenance, vector_settings, write_report
+from fv_serving.bench.record import torch_machine_line, torch_provenance, vector_settings, write_report
 from fv_serving.bench.report import ordered
 from fv_serving.config import METRIC_NAMES, VectorConfig
 from fv_serving.data import ForgetSpec
@@ -155,16 +155,14 @@ def processes(classifier: Path, classes: list[int], work: Path) -> dict[str, Any
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     # The JSON file sorts keys: rows take their order from ROWS.
     presets = {p: result["presets"][p] for p in ordered(list(result["presets"]), [row.name for row in ROWS])}
     train = result["classifier"]
     lines = [
         f"# Forget-vector learning cost on Fashion-MNIST ({result['date']})",
         "",
-        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} thread(s)), "
-        f"{m['platform']}, load average {m['loadavg_start']} at start, {m['loadavg_end']} at end (the cores are "
-        "shared with other work: compare times within this run).",
+        torch_machine_line(result["machine"]) + " (the cores are shared with other work: compare times within "
+        "this run).",
         f"Command: `{result['command']}`. Wall time {result['seconds']:.0f} s.",
         "",
         f"Yardstick: training the classifier (`fv train` defaults, {train['config']['epochs']} epochs on "

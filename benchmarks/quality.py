@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from fv_serving.bench.machine import load_average
-from fv_serving.bench.record import torch_provenance, vector_settings, vector_terms, write_report
+from fv_serving.bench.record import (
+    torch_machine_line,
+    torch_provenance,
+    vector_settings,
+    vector_terms,
+    write_report,
+)
 from fv_serving.bench.report import ordered
 from fv_serving.config import METRIC_NAMES, TrainConfig, VectorConfig, combination_config, with_overrides
 from fv_serving.data import ForgetSpec, SplitSpec
@@ -128,12 +134,10 @@ def random_forgetting(
 
 
 def markdown(result: dict[str, Any]) -> str:
-    m = result["machine"]
     lines = [
         f"# Forget-vector quality on Fashion-MNIST ({result['date']})",
         "",
-        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} thread(s)), "
-        f"{m['platform']}, load average {m['loadavg_start']} at start, {m['loadavg_end']} at end.",
+        torch_machine_line(result["machine"]) + ".",
         f"Command: `{result['command']}`. Wall time {result['seconds']:.0f} s.",
         "",
         f"Class-wise vectors: {vector_terms(result['vector_config'])}; {vector_settings(result['vector_config'])}.",

@@ -38,6 +38,15 @@ def torch_provenance(load_start: list[float]) -> dict[str, Any]:
     return provenance(load_start, torch=torch.__version__, torch_threads=str(torch.get_num_threads()))
 
 
+def torch_machine_line(machine: dict[str, Any]) -> str:
+    """The "Machine:" sentence of a page recorded with `torch_provenance`: what its seconds were measured on."""
+    m = machine
+    return (
+        f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, torch {m['torch']}, {m['torch_threads']} thread(s)), "
+        f"{m['platform']}, load average {m['loadavg_start']} at start, {m['loadavg_end']} at end"
+    )
+
+
 def write_report(
     out_dir: Path, report: dict[str, Any], markdown: Callable[[dict[str, Any]], str], name: str = "results"
 ) -> None:
