@@ -1,6 +1,6 @@
 """Memory order of the classifier's weights in torch: standard (NCHW) against channels-last, side by side.
 
-    python benchmarks/layout.py [--arch small-cnn] [--threads 1] [--rounds 15]
+    python benchmarks/layout.py [--arch small-cnn] [--threads 1] [--rounds 15] [--classifier CKPT]
 
 What fv-serving runs in torch, timed per image with each order of the same weights:
   * learning step: forward and backward to the input (the frozen, BatchNorm-folded
@@ -11,7 +11,13 @@ What fv-serving runs in torch, timed per image with each order of the same weigh
 Weights do not change speed, so a freshly initialised model is timed. Each round times
 a block of every variant in a freshly shuffled order (interleaved, so load drift on a
 shared machine hits both orders alike); reported: the median over rounds and the
-channels-last/standard ratio of medians. Writes benchmarks/results/layout/layout.{json,md}.
+channels-last/standard ratio of medians.
+
+With --classifier (a `fv train` checkpoint on Fashion-MNIST) the real loops too, each
+order in turn, --loop-rounds times: learning one fast-preset vector for --forget-class
+(checks included; "standard" replaces the loop's `channels_last` by the identity) and
+one training epoch on --train-images images (data loading and augmentation included).
+Writes benchmarks/results/layout/layout.{json,md}.
 """
 
 from __future__ import annotations
@@ -24,14 +30,20 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from fv_serving import unlearn
 from fv_serving.bench.machine import load_average
 from fv_serving.bench.record import torch_machine_line, torch_provenance, write_report
-from fv_serving.config import ARCHITECTURES
+from fv_serving.config import ARCHITECTURES, TrainConfig, VectorConfig
+from fv_serving.data import ForgetSpec, default_augmentation
 from fv_serving.models import Classifier, ModelSpec, channels_last, fold_batchnorm, freeze
+from fv_serving.pipeline import open_workspace
+from fv_serving.train import train_classifier
 
 Work = Callable[[], None]
 ORDERS = ("standard", "channels-last")
@@ -92,6 +104,30 @@ def measure(arch: str, rounds: int) -> dict[str, dict[str, float]]:
     }
 
 
+def loops(classifier: Path, forget_class: int, train_images: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds of the real learning and training loops in each order (and the learning runs' steps)."""
+    ws = open_workspace(classifier)
+    standard_model = ws.model.to(memory_format=torch.contiguous_format)
+    split = ws.forget_split(ForgetSpec(classes=(forget_class,)))
+    pool, _ = ws.split.indices(len(ws.data.train))
+    out: dict[str, dict[str, list[float]]] = {o: {"learn": [], "learn_steps": [], "train": []} for o in ORDERS}
+    for _ in tqdm(range(rounds), desc="real loops"):
+        for order in ORDERS:
+            layout = channels_last if order == "channels-last" else (lambda m: m)
+            with patch.object(unlearn, "channels_last", layout):
+                start = time.perf_counter()
+                result = unlearn.learn_forget_vector(standard_model, ws.data, split, VectorConfig())
+            out[order]["learn"].append(round(time.perf_counter() - start, 2))
+            out[order]["learn_steps"].append(result.steps_run)
+            torch.manual_seed(0)
+            model = layout(Classifier(ws.model.spec))
+            history = train_classifier(
+                model, ws.data, pool[:train_images], TrainConfig(epochs=1), augmentation=default_augmentation(ws.data)
+            )
+            out[order]["train"].append(round(history["seconds"], 2))
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Weight memory order in torch: standard vs channels-last ({result['date']})",
@@ -107,6 +143,29 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {BATCHES[name]} | {ms['standard']} | {ms['channels-last']} | "
             f"{ms['channels-last'] / ms['standard']:.2f} |"
         )
+    real = result.get("loops")
+    if real:
+        median = {o: {k: statistics.median(v) for k, v in real[o].items()} for o in ORDERS}
+        lines += [
+            "",
+            f"## The real loops (--classifier `{result['classifier']}`), {result['loop_rounds']} round(s) per order",
+            "",
+            "| loop | standard (s) | channels-last (s) | channels-last / standard |",
+            "|---|---|---|---|",
+        ]
+        for key, label in (
+            ("learn", f"learning a fast-preset vector for class {result['forget_class']} (checks included)"),
+            ("train", f"one training epoch on {result['train_images']:,} images"),
+        ):
+            std, nhwc = median["standard"][key], median["channels-last"][key]
+            lines.append(f"| {label} | {std:.2f} | {nhwc:.2f} | {nhwc / std:.2f} |")
+        lines += [
+            "",
+            "Learning steps per run (float rounding can move the stopping check): standard "
+            f"{real['standard']['learn_steps']}, channels-last {real['channels-last']['learn_steps']}; all seconds: "
+            f"standard learn {real['standard']['learn']} train {real['standard']['train']}, channels-last learn "
+            f"{real['channels-last']['learn']} train {real['channels-last']['train']}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -116,11 +175,23 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out-dir", default="benchmarks/results/layout")
+    parser.add_argument("--classifier", type=Path, help="a `fv train` checkpoint: time the real loops too")
+    parser.add_argument("--forget-class", type=int, default=5)
+    parser.add_argument("--train-images", type=int, default=15000)
+    parser.add_argument("--loop-rounds", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_start = load_average()
-    ms = measure(args.arch, args.rounds)
-    result = {**torch_provenance(load_start), "arch": args.arch, "rounds": args.rounds, "ms_per_image": ms}
+    result: dict[str, Any] = {"arch": args.arch, "rounds": args.rounds, "ms_per_image": measure(args.arch, args.rounds)}
+    if args.classifier:
+        result.update(
+            classifier=str(args.classifier),
+            forget_class=args.forget_class,
+            train_images=args.train_images,
+            loop_rounds=args.loop_rounds,
+            loops=loops(args.classifier, args.forget_class, args.train_images, args.loop_rounds),
+        )
+    result = {**torch_provenance(load_start), **result}
     write_report(Path(args.out_dir), result, markdown, name="layout")
     return 0
 
