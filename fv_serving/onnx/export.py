@@ -96,7 +96,9 @@ def classifier_to_onnx(model: Classifier, *, opset: int = DEFAULT_OPSET, exporte
         raise InvalidInputError(f"unknown exporter {exporter!r}; expected one of {EXPORTERS}")
     if exporter == "dynamo" and opset < 18:
         raise InvalidInputError(f"the dynamo exporter writes opset >= 18 only, got {opset} (use exporter='legacy')")
-    cpu_model = copy.deepcopy(model).cpu().eval()
+    # In the standard memory order: the exporters trace it too (a workspace's channels-last
+    # copy came out with Shape/Squeeze nodes in front of the normalisation).
+    cpu_model = copy.deepcopy(model).cpu().eval().to(memory_format=torch.contiguous_format)
     example = torch.from_numpy(probe_batch(model.spec.input_shape, count=2))
     try:
         onnx_model = (_export_dynamo if exporter == "dynamo" else _export_legacy)(cpu_model, example, opset)
