@@ -15,7 +15,7 @@ channels-last/standard ratio of medians.
 
 With --classifier (a `fv train` checkpoint on Fashion-MNIST) the real loops too, each
 order in turn, --loop-rounds times: learning one fast-preset vector for --forget-class
-(checks included; "standard" replaces the loop's `channels_last` by the identity) and
+(checks included; "standard" replaces `models.channels_last` in the loop's copy by the identity) and
 one training epoch on --train-images images (data loading and augmentation included).
 Writes benchmarks/results/layout/layout.{json,md}.
 """
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from fv_serving import unlearn
+from fv_serving import models, unlearn
 from fv_serving.bench.machine import load_average
 from fv_serving.bench.record import torch_machine_line, torch_provenance, write_report
 from fv_serving.config import ARCHITECTURES, TrainConfig, VectorConfig
@@ -114,7 +114,7 @@ def loops(classifier: Path, forget_class: int, train_images: int, rounds: int) -
     for _ in tqdm(range(rounds), desc="real loops"):
         for order in ORDERS:
             layout = channels_last if order == "channels-last" else (lambda m: m)
-            with patch.object(unlearn, "channels_last", layout):
+            with patch.object(models, "channels_last", layout):
                 start = time.perf_counter()
                 result = unlearn.learn_forget_vector(standard_model, ws.data, split, VectorConfig())
             out[order]["learn"].append(round(time.perf_counter() - start, 2))

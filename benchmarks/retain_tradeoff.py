@@ -38,7 +38,7 @@ from fv_serving.bench.record import provenance, write_report
 from fv_serving.config import VectorConfig
 from fv_serving.data import ForgetSpec, ForgetSplit, iterate_batches
 from fv_serving.metrics import predict
-from fv_serving.models import PerturbedClassifier, fold_batchnorm
+from fv_serving.models import PerturbedClassifier, learning_copy
 from fv_serving.pipeline import Workspace, open_workspace
 from fv_serving.plots import save_figure
 from fv_serving.unlearn import DirectDelta, forget_vector_loss, logit_margin, make_optimizer
@@ -66,7 +66,7 @@ def trace(ws: Workspace, c: int, name: str, steps: int, every: int) -> list[dict
     share = variant.pop("at_risk_share", 0.0)
     config = replace(VectorConfig(), **variant)
     split = ws.forget_split(ForgetSpec(classes=(c,)))
-    model = fold_batchnorm(ws.model)
+    model = learning_copy(ws.model)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     train_probe = split.retain[torch.randperm(len(split.retain), generator=generator)[:5000]]

@@ -18,8 +18,8 @@ subset of D_f and on the validation hold-out (or a fixed subset of it, completed
 rest of the hold-out before the run stops); the best check so far is the only state kept
 (memory does not grow with the number of checks). If no check meets the rule, the
 closest one is returned and the result says so. Steps and checks run on a copy of the
-classifier with its BatchNorm layers folded (`models.fold_batchnorm`) and its weights
-in channels-last order (`models.channels_last`): the same function, cheaper to run.
+classifier with its BatchNorm layers folded and its weights in channels-last order
+(`models.learning_copy`): the same function, cheaper to run.
 
 The same loop runs data-parallel under torch.distributed (`fv_serving.distributed`):
 every rank draws the same global batch, computes its slice's share of the loss (sums
@@ -48,7 +48,7 @@ from fv_serving.distributed import SINGLE, Dist
 from fv_serving.errors import InvalidInputError
 from fv_serving.matching import DistributionMatching, check_objective, holdout_halves
 from fv_serving.metrics import predict
-from fv_serving.models import PerturbedClassifier, channels_last, fold_batchnorm
+from fv_serving.models import PerturbedClassifier, learning_copy
 from fv_serving.perturbation import apply_delta
 from fv_serving.sampling import BatchPlan
 from fv_serving.stopping import goal_for
@@ -231,7 +231,7 @@ def learn_perturbation(
     rule = config.rule(goal)
     torch.manual_seed(config.seed)
     classifier.eval()
-    learner = channels_last(fold_batchnorm(classifier))
+    learner = learning_copy(classifier)
     perturbation.to(device)
     generator = torch.Generator().manual_seed(config.seed)
     is_forget = torch.zeros(len(data.train), dtype=torch.bool)
@@ -353,9 +353,9 @@ def learn_forget_vector(
     goal = goal_for(split.spec.kind)
     delta = DirectDelta(data.input_shape)
     objective: Objective | None = None
-    # The copy the loop runs (folding it again there is a no-op), here so that a matching
+    # The copy the loop runs (given to it, it is used as it is), made here so that a matching
     # objective scores its reference images with the same function as the batch.
-    classifier = channels_last(fold_batchnorm(classifier))
+    classifier = learning_copy(classifier)
     if goal == "match":
         reference, rule_half = holdout_halves(split.val, config.seed)
         split = replace(split, val=rule_half)

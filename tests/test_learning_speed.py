@@ -93,11 +93,18 @@ def test_learning_runs_on_the_classifier_with_batchnorm_folded(tiny_workspace: W
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), atol=1e-4)
 
+    assert fold_batchnorm(folded) is folded  # frozen, nothing left to fold: not copied again
+
     class Branching(torch.nn.Module):  # control flow on a tensor: torch.fx cannot trace it
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(1)
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.bn(x)
             return x if x.sum() > 0 else -x
 
-    untraceable = Branching()
+    untraceable = Branching().eval()
     assert fold_batchnorm(untraceable) is untraceable
 
 
