@@ -36,7 +36,7 @@ from torch import nn
 
 from fv_serving.bench.machine import load_average
 from fv_serving.bench.record import provenance, write_report
-from fv_serving.config import METRIC_NAMES, VectorConfig
+from fv_serving.config import METRIC_NAMES
 from fv_serving.data import ForgetSpec
 from fv_serving.gating import GatedPerturbedClassifier
 from fv_serving.metrics import evaluate_unlearning
@@ -73,7 +73,7 @@ def _vector(args: argparse.Namespace, ws: Any, spec: ForgetSpec, work: Path) -> 
     if args.vector:
         return args.vector, 0.0
     started = time.perf_counter()
-    learn_vector(ws, spec, VectorConfig(), work / "vector.safetensors", evaluate=False)
+    learn_vector(ws, spec, work / "vector.safetensors", evaluate=False)
     return work / "vector.safetensors", time.perf_counter() - started
 
 

@@ -112,7 +112,7 @@ def random_forgetting(
     retrain = train_model("fashion-mnist", out / "retrain.safetensors", config=config, split=split, exclude=forget)
     ws = open_workspace(out / "memorised.safetensors")
     retrain_ws = open_workspace(out / "retrain.safetensors")
-    vector, _ = learn_vector(ws, forget, vector_config, out / "random.safetensors", evaluate=False)
+    vector, _ = learn_vector(ws, forget, out / "random.safetensors", config=vector_config, evaluate=False)
     task = ws.forget_split(forget)
     rows = {
         "original": evaluate_unlearning(ws.model, ws.data, task)[0],

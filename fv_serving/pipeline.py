@@ -186,18 +186,21 @@ def _evaluate(ws: Workspace, model: torch.nn.Module, split: ForgetSplit) -> tupl
 def learn_vector(
     ws: Workspace,
     forget: ForgetSpec,
-    config: VectorConfig,
     out: str | Path,
     *,
+    config: VectorConfig | None = None,
     evaluate: bool = True,
     dist: Dist = SINGLE,
 ) -> tuple[ForgetVector, dict[str, Any]]:
     """Learn one vector for a class-wise or random forget set and write it with its metadata.
 
+    Without `config`, the task's default (`VectorConfig.default_for`), as `fv learn` without --preset.
+
     Data-parallel under torch.distributed (`dist`): every rank learns the same vector;
     rank 0 alone evaluates it and writes the file (the others return it unevaluated,
     once the file is there).
     """
+    config = config or VectorConfig.default_for(forget.kind)
     split = ws.forget_split(forget)
     result = learn_forget_vector(ws.model, ws.data, split, config, device=ws.device, dist=dist)
     metrics: dict[str, Any] = {"stopping": {**result.stopping_report(), "processes": dist.world}}

@@ -1,4 +1,4 @@
-"""PNG figures: a vector, a bank of vectors, accuracy per class before/after."""
+"""PNG figures: a vector, a bank of vectors, accuracy per class before/after, points lost per class."""
 
 from __future__ import annotations
 
@@ -51,6 +51,15 @@ def plot_bank(vectors: np.ndarray, names: Sequence[str], path: str | Path) -> Pa
     return save_figure(fig, path)
 
 
+def _grouped_bars(ax: plt.Axes, series: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """One group of bars per position, one bar per series side by side; returns the groups' x positions."""
+    x = np.arange(len(next(iter(series.values()), [])))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label)
+    return x
+
+
 def plot_per_class(
     class_names: Sequence[str],
     series: Mapping[str, Sequence[float]],
@@ -59,11 +68,8 @@ def plot_per_class(
     title: str,
 ) -> Path:
     """Grouped bars of test accuracy per class, one bar per model; forgotten classes marked."""
-    x = np.arange(len(class_names))
-    width = 0.8 / max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(class_names)), 3.6))
-    for i, (label, values) in enumerate(series.items()):
-        ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label)
+    x = _grouped_bars(ax, series)
     for c in forgotten:
         ax.axvspan(c - 0.45, c + 0.45, color="grey", alpha=0.15)
     ax.set_xticks(
@@ -76,4 +82,23 @@ def plot_per_class(
     ax.set_ylim(0, 105)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
+    return save_figure(fig, path)
+
+
+def plot_drops_per_class(
+    class_names: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    limit: float,
+    path: str | Path,
+    title: str,
+) -> Path:
+    """Grouped bars of accuracy points lost, one group per forgotten class, against an acceptance `limit` line."""
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(class_names)), 3.2))
+    x = _grouped_bars(ax, series)
+    ax.axhline(limit, color="black", linestyle="--", linewidth=1, label=f"limit ({limit:g} point)")
+    ax.set_xticks(x, list(class_names), fontsize=7)
+    ax.set_xlabel("forgotten class")
+    ax.set_ylabel("points lost")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     return save_figure(fig, path)

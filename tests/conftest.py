@@ -75,5 +75,5 @@ def other_classifier_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def class_vector(tiny_workspace: Workspace, tmp_path_factory: pytest.TempPathFactory) -> tuple[ForgetVector, Path]:
     out = tmp_path_factory.mktemp("vec") / "trouser.safetensors"
-    vector, _ = learn_vector(tiny_workspace, ForgetSpec(classes=(FORGET_CLASS,)), QUICK_VECTOR, out)
+    vector, _ = learn_vector(tiny_workspace, ForgetSpec(classes=(FORGET_CLASS,)), out, config=QUICK_VECTOR)
     return vector, out

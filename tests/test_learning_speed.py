@@ -22,9 +22,10 @@ from fv_serving.models import (
     load_classifier,
     save_classifier,
 )
-from fv_serving.pipeline import Workspace, open_workspace
+from fv_serving.pipeline import Workspace, learn_vector, open_workspace
 from fv_serving.sampling import BatchPlan
 from fv_serving.unlearn import learn_forget_vector
+from fv_serving.vectors import load_vector
 
 
 def test_presets_keep_the_previous_defaults_and_the_authors_protocol() -> None:
@@ -135,3 +136,11 @@ def test_fast_preset_meets_the_rule_on_far_fewer_samples(tiny_workspace: Workspa
     fast_samples = fast.steps_run * VectorConfig().batch_size
     epochs_samples = epochs.steps_run * VectorConfig.epochs().batch_size
     assert fast_samples * 3 <= epochs_samples, (fast.steps_run, epochs.steps_run)
+
+
+def test_learn_vector_without_settings_uses_the_tasks_default(tiny_workspace: Workspace, tmp_path: Path) -> None:
+    """The Python API's default is the CLI's without --preset: the fast preset for a class, written in the file."""
+    out = tmp_path / "default.safetensors"
+    vector, metrics = learn_vector(tiny_workspace, ForgetSpec(classes=(FORGET_CLASS,)), out, evaluate=False)
+    assert vector.hparams == VectorConfig.default_for("class").to_json() == load_vector(out).hparams
+    assert metrics["stopping"]["rule_met"]

@@ -130,7 +130,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
         ws = open_workspace(args.classifier, args.data_root, device)
         spec = _forget_spec(args, ws)
         assert spec is not None
-        vector, metrics = learn_vector(ws, spec, config, args.out, evaluate=not args.no_eval, dist=dist)
+        vector, metrics = learn_vector(ws, spec, args.out, config=config, evaluate=not args.no_eval, dist=dist)
     return _report_learned(args, config, vector, spec, metrics, dist.world) if dist.is_main else 0
 
 
