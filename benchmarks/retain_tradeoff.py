@@ -11,7 +11,8 @@ of the objective or the batches:
   alpha 3                three times the retain term's weight;
   at-risk quarter        a quarter of each batch from D_r images the classifier gets right
                          by the lowest fifth of margins (in a pool of 10,000 D_r images):
-                         the images a perturbation flips first.
+                         the images a perturbation flips first (`unlearn.at_risk_images`,
+                         the library's `at_risk_share`).
 
 Classes default to the tuning classes (Trouser, Dress, Ankle boot), never the reported
 ones; the test set is not used.
@@ -36,42 +37,32 @@ from tqdm.auto import tqdm
 from fv_serving.bench.machine import load_average
 from fv_serving.bench.record import provenance, write_report
 from fv_serving.config import VectorConfig
-from fv_serving.data import ForgetSpec, ForgetSplit, iterate_batches
+from fv_serving.data import ForgetSpec, iterate_batches
+from fv_serving.distributed import SINGLE
 from fv_serving.metrics import predict
 from fv_serving.models import PerturbedClassifier, learning_copy
 from fv_serving.pipeline import Workspace, open_workspace
 from fv_serving.plots import save_figure
-from fv_serving.unlearn import DirectDelta, forget_vector_loss, logit_margin, make_optimizer
+from fv_serving.unlearn import DirectDelta, at_risk_images, forget_vector_loss, make_optimizer
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "fast preset": {},
     "alpha 3": {"alpha": 3.0},
     "at-risk quarter": {"at_risk_share": 0.25},
 }
-POOL, RISK_QUANTILE = 10_000, 0.2
-
-
-def at_risk(model: torch.nn.Module, ws: Workspace, split: ForgetSplit, generator: torch.Generator) -> torch.Tensor:
-    """D_r images of a random pool classified right by the lowest RISK_QUANTILE of logit margins."""
-    pool = split.retain[torch.randperm(len(split.retain), generator=generator)[:POOL]]
-    with torch.no_grad():
-        margin = torch.cat([logit_margin(model(x), y) for x, y, _ in iterate_batches(ws.data.train, pool, 1000)])
-    right = margin > 0
-    return pool[right & (margin <= margin[right].quantile(RISK_QUANTILE))]
 
 
 def trace(ws: Workspace, c: int, name: str, steps: int, every: int) -> list[dict[str, float]]:
     """One run of `steps` Adam steps; the three accuracies every `every` steps."""
-    variant = dict(VARIANTS[name])
-    share = variant.pop("at_risk_share", 0.0)
-    config = replace(VectorConfig(), **variant)
+    config = replace(VectorConfig(), **VARIANTS[name])
+    share = config.at_risk_share or 0.0
     split = ws.forget_split(ForgetSpec(classes=(c,)))
     model = learning_copy(ws.model)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     train_probe = split.retain[torch.randperm(len(split.retain), generator=generator)[:5000]]
     forget_probe = split.forget[torch.randperm(len(split.forget), generator=generator)[:1000]]
-    risky = at_risk(model, ws, split, generator) if share else None
+    risky = at_risk_images(model, ws.data.train, split.retain, generator, SINGLE, "cpu") if share else None
     union = torch.cat([split.forget, split.retain])
     is_forget = torch.zeros(len(ws.data.train), dtype=torch.bool)
     is_forget[split.forget] = True

@@ -70,7 +70,8 @@ class VectorConfig:
 
     An epoch is one pass over D_f + D_r (`steps_per_epoch` None) or `steps_per_epoch`
     steps of batches drawn at random, `forget_fraction` of each from D_f (None: the
-    natural proportion). The learning rate decays by `gamma` once per epoch; the
+    natural proportion) and, optionally, `at_risk_share` from the D_r images a perturbation
+    flips first (`fv_serving.sampling`). The learning rate decays by `gamma` once per epoch; the
     stopping rule is checked `checks_per_epoch` times per epoch on `monitor_size`
     forget images and `holdout_size` validation images (None: all of them); a check
     that meets the rule on a validation subset is confirmed on the whole hold-out.
@@ -99,6 +100,7 @@ class VectorConfig:
     max_epochs: int = 15
     steps_per_epoch: int | None = 20  # None: an epoch is one pass over D_f + D_r
     forget_fraction: float | None = None  # share of D_f in a drawn batch (None: natural proportion)
+    at_risk_share: float | None = None  # share of a drawn batch from at-risk D_r images (`fv_serving.sampling`)
     augment: bool = False  # the authors': True (flips; crops too for 32x32 images)
     clamp: Clamp = None  # None for parity with the authors; (0, 1) keeps inputs valid images
     stopping: bool = True  # False: run all epochs and keep the last delta (the authors' protocol)
@@ -120,6 +122,16 @@ class VectorConfig:
             raise InvalidInputError(f"steps_per_epoch must be >= 1 (or None), got {self.steps_per_epoch}")
         if self.forget_fraction is not None and not 0 < self.forget_fraction < 1:
             raise InvalidInputError(f"forget_fraction must be in (0, 1) (or None), got {self.forget_fraction}")
+        if self.at_risk_share is not None:
+            if not 0 < self.at_risk_share < 1 or self.steps_per_epoch is None:
+                raise InvalidInputError(
+                    f"at_risk_share must be in (0, 1), with drawn batches (steps_per_epoch), got {self.at_risk_share}"
+                )
+            if self.at_risk_share + (self.forget_fraction or 0) >= 1:
+                raise InvalidInputError(
+                    f"at_risk_share {self.at_risk_share} + forget_fraction {self.forget_fraction} leave no room "
+                    "for the rest of the batch"
+                )
         if self.holdout_size is not None and self.holdout_size < 1:
             raise InvalidInputError(f"holdout_size must be >= 1 (or None), got {self.holdout_size}")
 

@@ -43,14 +43,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fv_serving.config import VectorConfig
-from fv_serving.data import Dataset, ForgetSplit, ImageSet, default_augmentation
+from fv_serving.data import Dataset, ForgetSplit, ImageSet, default_augmentation, iterate_batches
 from fv_serving.distributed import SINGLE, Dist
 from fv_serving.errors import InvalidInputError
 from fv_serving.matching import DistributionMatching, check_objective, holdout_halves
 from fv_serving.metrics import predict
 from fv_serving.models import PerturbedClassifier, learning_copy
 from fv_serving.perturbation import apply_delta
-from fv_serving.sampling import BatchPlan
+from fv_serving.sampling import AT_RISK_POOL, AT_RISK_QUANTILE, BatchPlan
 from fv_serving.stopping import goal_for
 
 
@@ -186,6 +186,25 @@ def sharded_counts(model: nn.Module, images: ImageSet, indices: torch.Tensor, di
     return Counts(correct, total)
 
 
+def at_risk_images(
+    model: nn.Module, images: ImageSet, retain: torch.Tensor, generator: torch.Generator, dist: Dist, device: str
+) -> torch.Tensor:
+    """The D_r images of a random pool that `model` gets right by the smallest margins (`fv_serving.sampling`).
+
+    Each rank scores its shard of the pool; the margins are summed into one tensor, so
+    every rank holds the same set.
+    """
+    pool = retain[torch.randperm(len(retain), generator=generator)[:AT_RISK_POOL]]
+    mine = dist.shard(torch.arange(len(pool)))
+    margins = torch.zeros(len(pool))
+    with torch.no_grad():
+        batches = iterate_batches(images, pool[mine], 1000, device=device)
+        margins[mine] = torch.cat([logit_margin(model(x), y).cpu() for x, y, _ in batches])
+    dist.all_reduce_sum(margins)
+    right = margins > 0
+    return pool[right & (margins <= margins[right].quantile(AT_RISK_QUANTILE))]
+
+
 def make_optimizer(perturbation: nn.Module, config: VectorConfig) -> torch.optim.Optimizer:
     """SGD with momentum (the authors'), or Adam: per-pixel step sizes meet the stopping rule in fewer steps."""
     params, lr, decay = perturbation.parameters(), config.lr, config.weight_decay
@@ -253,7 +272,12 @@ def learn_perturbation(
     optimizer = make_optimizer(perturbation, config)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
     augmentation = default_augmentation(data) if config.augment else None
-    batches = BatchPlan(data, split, config, generator, augmentation, device)
+    at_risk = (
+        None
+        if config.at_risk_share is None
+        else at_risk_images(learner, data.train, split.retain, generator, dist, device)
+    )
+    batches = BatchPlan(data, split, config, generator, augmentation, device, at_risk)
     steps = batches.steps
     check_at = {round(steps * (i + 1) / config.checks_per_epoch) for i in range(config.checks_per_epoch)}
     checks: list[Check] = []

@@ -59,7 +59,9 @@ def test_torchrun_argv_parses_back_to_the_same_command() -> None:
 
 @pytest.mark.slow
 def test_two_processes_learn_the_same_vector_as_one(tiny_classifier_path: Path, tmp_path: Path) -> None:
+    """With a share of at-risk images too: each rank scores a shard of their pool, and all hold the same set."""
     common = ["learn", "--classifier", str(tiny_classifier_path), "--forget-class", "1", "--no-eval", *SHORT]
+    common += ["--at-risk-share", "0.25"]
     one = run_fv(*common, "--out", str(tmp_path / "one.safetensors"))
     two = run_fv(*common, "--nproc", "2", "--out", str(tmp_path / "two.safetensors"))
     assert one.returncode == 0, one.stderr

@@ -12,6 +12,7 @@ from conftest import FORGET_CLASS
 
 from fv_serving.config import VectorConfig
 from fv_serving.data import ForgetSpec, iterate_batches
+from fv_serving.distributed import SINGLE
 from fv_serving.errors import InvalidInputError
 from fv_serving.fingerprint import weights_digest
 from fv_serving.metrics import predict
@@ -19,12 +20,13 @@ from fv_serving.models import (
     PerturbedClassifier,
     channels_last,
     fold_batchnorm,
+    learning_copy,
     load_classifier,
     save_classifier,
 )
 from fv_serving.pipeline import Workspace, learn_vector, open_workspace
-from fv_serving.sampling import BatchPlan
-from fv_serving.unlearn import learn_forget_vector
+from fv_serving.sampling import AT_RISK_POOL, AT_RISK_QUANTILE, BatchPlan
+from fv_serving.unlearn import at_risk_images, learn_forget_vector, logit_margin
 from fv_serving.vectors import load_vector
 
 
@@ -64,6 +66,34 @@ def test_drawn_batches_hold_the_forget_share(tiny_workspace: Workspace) -> None:
     )
     seen = torch.cat([idx for _, _, idx in passes.epoch()]).sort().values
     assert torch.equal(seen, torch.cat([split.forget, split.retain]).sort().values)
+
+
+def test_at_risk_batches_hold_their_share_of_the_images_flipped_first(tiny_workspace: Workspace) -> None:
+    """The at-risk set is the right answers with the lowest fifth of margins; each batch holds its share of it."""
+    ws = tiny_workspace
+    split = ws.forget_split(ForgetSpec(classes=(FORGET_CLASS,)))
+    assert len(split.retain) <= AT_RISK_POOL  # the pool is then the whole of D_r
+    model = learning_copy(ws.model)
+    at_risk = at_risk_images(model, ws.data.train, split.retain, torch.Generator().manual_seed(0), SINGLE, "cpu")
+    with torch.no_grad():
+        x, y, _ = next(iterate_batches(ws.data.train, split.retain, len(split.retain)))
+        margins = logit_margin(model(x), y)
+    right = margins > 0
+    expected = split.retain[right & (margins <= margins[right].quantile(AT_RISK_QUANTILE))]
+    assert torch.equal(at_risk.sort().values, expected.sort().values)
+    assert abs(len(at_risk) - AT_RISK_QUANTILE * int(right.sum())) <= 1
+
+    config = VectorConfig(batch_size=64, steps_per_epoch=5, at_risk_share=0.25)
+    plan = BatchPlan(ws.data, split, config, torch.Generator().manual_seed(0), None, "cpu", at_risk)
+    risky = set(at_risk.tolist())
+    for _, _, idx in plan.epoch():
+        assert len(idx) == 64 and all(i in risky for i in idx[:16].tolist())
+    with pytest.raises(InvalidInputError, match="needs a non-empty at-risk set"):
+        BatchPlan(ws.data, split, config, torch.Generator(), None, "cpu")
+    with pytest.raises(InvalidInputError, match="drawn batches"):
+        VectorConfig(at_risk_share=0.25, steps_per_epoch=None)
+    with pytest.raises(InvalidInputError, match="leave no room"):
+        VectorConfig(at_risk_share=0.75, forget_fraction=0.25)
 
 
 def test_subset_checks_are_confirmed_on_the_whole_holdout(tiny_workspace: Workspace) -> None:

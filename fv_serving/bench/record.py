@@ -75,6 +75,8 @@ def vector_settings(config: dict[str, Any]) -> str:
         batches = f"passes over D_f + D_r in batches of {c['batch_size']}"
     else:
         share = "natural proportion" if c["forget_fraction"] is None else f"{c['forget_fraction']:.0%} from D_f"
+        if c.get("at_risk_share"):  # pages older than the option have no such key
+            share += f", {c['at_risk_share']:.0%} from at-risk D_r"
         batches = f"batches of {c['batch_size']} drawn at random ({share}), epochs of {c['steps_per_epoch']} steps"
     holdout = "all hold-out" if c["holdout_size"] is None else f"{c['holdout_size']} hold-out (confirmed on all)"
     return (

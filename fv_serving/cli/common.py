@@ -74,6 +74,12 @@ def add_vector_config(parser: argparse.ArgumentParser) -> None:
         help=f"share of each drawn batch taken from the forget set (default {d.forget_fraction}: the natural "
         f"share; match preset {m.forget_fraction})",
     )
+    g.add_argument(
+        "--at-risk-share",
+        type=float,
+        help="share of each drawn batch taken from the retain images a perturbation flips first (default none; "
+        "see fv_serving.sampling)",
+    )
     g.add_argument("--clamp", action="store_true", help="clamp x+delta to [0,1] (training, evaluation and export)")
     flips = g.add_mutually_exclusive_group()
     flips.add_argument("--augment", action="store_true", help="crop/flip augmentation while learning (epochs: on)")
@@ -117,6 +123,7 @@ def vector_config(args: argparse.Namespace) -> VectorConfig:
         max_epochs=args.max_epochs,
         steps_per_epoch=args.steps_per_epoch,
         forget_fraction=args.forget_fraction,
+        at_risk_share=args.at_risk_share,
         seed=args.seed,
         forget_target=args.forget_target,
         match_tolerance=args.match_tolerance,
