@@ -27,8 +27,11 @@ from fv_serving.vectors import load_bank, load_vector
 SHORT = ["--max-epochs", "2", "--steps-per-epoch", "6", "--batch-size", "64", "--checks-per-epoch", "2"]
 SHORT_CONFIG = VectorConfig(max_epochs=2, steps_per_epoch=6, batch_size=64, checks_per_epoch=2)
 # Summing two ranks' gradients instead of one batch's changes only the order of float
-# additions (and the convolution kernels' batch split): ~1e-7 relative per step.
-TOLERANCE = 1e-4
+# additions (and the convolution kernels' batch split): ~1e-7 relative per step, which
+# Adam's division by sqrt(v) magnifies where gradients are small. Measured over this
+# 12-step run: below 1e-4 of delta's largest entry on one machine build, 7e-4 on another.
+# A rank that skipped the all-reduce would learn on half the batch: tens of percent.
+TOLERANCE = 5e-3
 
 
 def run_fv(*args: str) -> subprocess.CompletedProcess:
