@@ -27,7 +27,6 @@ import argparse
 import sys
 import time
 from dataclasses import replace
-from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -73,27 +72,31 @@ def trace(ws: Workspace, c: int, name: str, steps: int, every: int) -> list[dict
     optimizer = make_optimizer(delta, config)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.gamma)
     plan = BatchPlan(ws.data, split, config, generator, None, "cpu", risky)
-    rows = []
-    # The library's batches (`fv_serving.sampling`), epoch after epoch: the first `steps` of them.
-    for step, (x, y, idx) in enumerate(islice(chain.from_iterable(iter(plan.epoch, None)), steps), start=1):
-        loss = forget_vector_loss(model(x + delta()), y, is_forget[idx], config)
-        loss = loss + config.lam * delta.regulariser(len(y))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % config.steps_per_epoch == 0:  # type: ignore[operator]
-            scheduler.step()
-        if step % every == 0:
-            g = PerturbedClassifier(model, delta().detach())
-            train_acc, holdout_acc = (predict(g, ws.data.train, s).accuracy for s in (train_probe, split.val))
-            rows.append(
-                {
-                    "step": step,
-                    "forget_acc": round(predict(g, ws.data.train, forget_probe).accuracy, 2),
-                    "train_drop": round(originals[0] - train_acc, 2),
-                    "holdout_drop": round(originals[1] - holdout_acc, 2),
-                }
-            )
+
+    def measure(step: int) -> dict[str, float]:
+        g = PerturbedClassifier(model, delta().detach())
+        train_acc, holdout_acc = (predict(g, ws.data.train, s).accuracy for s in (train_probe, split.val))
+        return {
+            "step": step,
+            "forget_acc": round(predict(g, ws.data.train, forget_probe).accuracy, 2),
+            "train_drop": round(originals[0] - train_acc, 2),
+            "holdout_drop": round(originals[1] - holdout_acc, 2),
+        }
+
+    rows, step = [], 0
+    while step < steps:  # the library's batches (`fv_serving.sampling`), epoch by epoch, as `fv learn` takes them
+        for x, y, idx in plan.epoch():
+            loss = forget_vector_loss(model(x + delta()), y, is_forget[idx], config)
+            loss = loss + config.lam * delta.regulariser(len(y))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step % every == 0:
+                rows.append(measure(step))
+            if step == steps:
+                break
+        scheduler.step()
     return rows
 
 
